@@ -1,0 +1,55 @@
+"""thresher: instruction-data engineering as resumable DAG pipelines.
+
+Grow instruction data (Self-Instruct, Evol-Instruct), judge it (LLM judge, IFD, DEITA, InsTag), separate grain from
+chaff (dedup, diversity selection), polish what is kept (ReAlign) and train on the result (LoRA SFT).
+
+This module only re-exports names; heavy libraries (torch, transformers, faiss, llama_cpp) load inside the modules
+that need them, so `import thresher` stays fast.
+"""
+
+from thresher.errors import (
+    AccountingError,
+    BackendError,
+    ConfigError,
+    FingerprintError,
+    PipelineError,
+    RecordError,
+    StepError,
+    ThresherError,
+    TruncatedFileError,
+)
+from thresher.pipelines import (
+    Filter,
+    Generator,
+    GlobalFilter,
+    GlobalStep,
+    Pipeline,
+    RowStep,
+    Step,
+    runtime,
+    secret,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccountingError",
+    "BackendError",
+    "ConfigError",
+    "Filter",
+    "FingerprintError",
+    "Generator",
+    "GlobalFilter",
+    "GlobalStep",
+    "Pipeline",
+    "PipelineError",
+    "RecordError",
+    "RowStep",
+    "Step",
+    "StepError",
+    "ThresherError",
+    "TruncatedFileError",
+    "__version__",
+    "runtime",
+    "secret",
+]

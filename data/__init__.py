@@ -1,0 +1,1 @@
+"""Records: the row schema, readers and writers for every layout and file format, format conversion."""

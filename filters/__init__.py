@@ -1,0 +1,6 @@
+"""Filters: separate grain from chaff (rule filters, exact and near dedup, diversity selection, thresholds)."""
+
+from thresher.filters.exact_dedup import ExactDedup
+from thresher.filters.rules import LengthFilter, RegexFilter
+
+__all__ = ["ExactDedup", "LengthFilter", "RegexFilter"]

@@ -1,0 +1,1 @@
+"""Generators: steps that make instruction rows (Self-Instruct, Evol-Instruct, Responder)."""

@@ -1,0 +1,1 @@
+"""Model backends: chat/completion clients, embeddings, log-probabilities, the request cache."""

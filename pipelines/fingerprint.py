@@ -1,0 +1,115 @@
+"""Fingerprints: the stable hashes that make the step cache invisible.
+
+A step's fingerprint is a hash of (step class, its VERSION, its semantic parameters, its inputs' fingerprints).
+Re-running a pipeline recomputes every fingerprint before any work; a step whose fingerprint already has a finished
+output in the run directory is skipped, and a changed parameter changes that step's fingerprint and so every
+descendant's. Runtime knobs and secrets are not hashed. A value we cannot hash deterministically raises
+FingerprintError at check time: a random key would silently redo paid-for work (the weak spot of HF datasets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import math
+import os
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from thresher.errors import FingerprintError
+
+
+def _canonical(value: Any, where: str) -> Any:
+    """Turn a parameter value into JSON-able data whose dump is the same in every process."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return {"__float__": repr(value)}
+        return {"__float__": value.hex()}
+    if isinstance(value, bytes):
+        return {"__bytes__": hashlib.blake2b(value, digest_size=16).hexdigest()}
+    if isinstance(value, enum.Enum):
+        return {"__enum__": f"{type(value).__qualname__}.{value.name}"}
+    if isinstance(value, os.PathLike):
+        return {"__path__": os.fspath(value)}
+    if isinstance(value, Mapping):
+        out = {}
+        for k in value:
+            if not isinstance(k, (str, int, float, bool)):
+                raise FingerprintError(f"{where}: dict key {k!r} of type {type(k).__name__} cannot be fingerprinted")
+            out[str(k)] = _canonical(value[k], f"{where}[{k!r}]")
+        return {"__dict__": dict(sorted(out.items()))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        items = [_canonical(v, f"{where}{{}}") for v in value]
+        return {"__set__": sorted(json.dumps(i, sort_keys=True) for i in items)}
+    if hasattr(value, "fingerprint") and hasattr(value, "get_params"):  # a nested step
+        return {"__step__": value.fingerprint()}
+    if hasattr(value, "model_dump") and callable(value.model_dump):  # pydantic model
+        return {"__model__": type(value).__qualname__, "v": _canonical(value.model_dump(), where)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            "__dataclass__": type(value).__qualname__,
+            "v": _canonical({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, where),
+        }
+    if isinstance(value, types.FunctionType):
+        return {"__function__": _function_identity(value, where)}
+    if isinstance(value, type):
+        return {"__class__": f"{value.__module__}.{value.__qualname__}"}
+    fp = getattr(value, "__thresher_fingerprint__", None)
+    if callable(fp):
+        return {"__custom__": fp()}
+    raise FingerprintError(
+        f"{where}: a value of type {type(value).__name__} cannot be fingerprinted; use plain data "
+        "(str, numbers, lists, dicts, paths), or give the object a __thresher_fingerprint__() method"
+    )
+
+
+def _function_identity(fn: types.FunctionType, where: str) -> Any:
+    """Hash a function by its code and what it closes over, not by its id (which changes every process)."""
+    code = fn.__code__
+
+    def consts(c: types.CodeType) -> list[Any]:
+        out: list[Any] = []
+        for k in c.co_consts:
+            out.append(consts(k) if isinstance(k, types.CodeType) else repr(k))
+        return out
+
+    closure = []
+    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
+        closure.append([name, _canonical(cell.cell_contents, f"{where} (closure variable {name!r})")])
+    return {
+        "name": f"{fn.__module__}.{fn.__qualname__}",
+        "code": hashlib.blake2b(code.co_code, digest_size=16).hexdigest(),
+        "consts": consts(code),
+        "names": list(code.co_names),
+        "closure": closure,
+        "defaults": _canonical(list(fn.__defaults__ or ()), where),
+    }
+
+
+def stable_hash(value: Any, where: str = "value") -> str:
+    """Hex digest of a value's canonical form; raises FingerprintError for values without one."""
+    blob = json.dumps(_canonical(value, where), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 22) -> str:
+    """Content hash of a file (or of every file under a directory, in sorted order)."""
+    p = Path(path)
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(chunk_size):
+                h.update(chunk)
+    return h.hexdigest()

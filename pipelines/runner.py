@@ -1,0 +1,420 @@
+"""The local runner: executes a Pipeline in a run directory so that no finished work is ever done twice.
+
+How it works. Before any row is touched, every step is checked (parameters, arity, columns along the DAG) and
+fingerprinted (step class + VERSION + semantic parameters + parents' fingerprints). Each step writes under
+`run_dir/steps/<name>-<fingerprint>/`: `output/`, `rejected/` and `failed/` hold Parquet shards, and `_done.json`
+(written last, atomically) marks the step finished and holds its counts. A re-run skips every step whose
+`_done.json` exists; a changed parameter gives that step (and its descendants) a new fingerprint, so only they run.
+
+Row steps stream: batch i covers input rows [start, end) and is committed as `part-<start>-<end>.parquet` files
+(rejected and failed first, output last, each via temp file + os.replace). A run killed mid-step resumes after the
+last committed batch. Memory holds one batch per step at a time, whatever the number of steps or rows.
+`manifest.json` at the top of the run directory is rewritten atomically after every state change: each step's
+parameters (secrets redacted), fingerprint, status, timings, row accounting and metrics (LLM usage and cost).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from thresher.errors import PipelineError, StepError, ThresherError
+from thresher.pipelines.dag import Pipeline
+from thresher.pipelines.execute import (
+    BatchOutput,
+    apply_row_step,
+    check_columns,
+    run_on_tables,
+    verify_accounting,
+)
+from thresher.pipelines.step import Filter, RowStep, Step
+
+MANIFEST = "manifest.json"
+DONE = "_done.json"
+SIDES = ("output", "rejected", "failed")
+
+
+# ---- small file helpers ---------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # lz4: fast enough that writing every step's output costs little next to the step itself
+    pq.write_table(table, tmp, compression="lz4")
+    os.replace(tmp, path)
+
+
+def shard_name(start: int, end: int) -> str:
+    return f"part-{start:012d}-{end:012d}.parquet"
+
+
+def _shard_range(p: Path) -> tuple[int, int]:
+    _, a, b = p.stem.split("-")
+    return int(a), int(b)
+
+
+def list_shards(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("part-") and p.suffix == ".parquet")
+
+
+def _unified_schema(files: list[Path]) -> pa.Schema | None:
+    schemas = [pq.read_schema(f) for f in files]
+    if not schemas:
+        return None
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise StepError(f"the shards in {files[0].parent} disagree on column types: {e}") from e
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    if table.schema.equals(schema):
+        return table
+    cols = []
+    for f in schema:
+        i = table.schema.get_field_index(f.name)
+        cols.append(table.column(i).cast(f.type) if i >= 0 else pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def read_folder(folder: Path) -> pa.Table:
+    """Every shard of a step's output (or side output) as one table, in row order."""
+    files = list_shards(folder)
+    schema = _unified_schema(files)
+    if schema is None:
+        return pa.table({})
+    return pa.concat_tables([_conform(pq.read_table(f), schema) for f in files])
+
+
+def iter_batches(folder: Path, batch_size: int, skip: int = 0) -> Iterator[pa.Table]:
+    """Batches of exactly `batch_size` rows (the last one shorter) over a step's output, from row `skip` on."""
+    files = list_shards(folder)
+    schema = _unified_schema(files)
+    if schema is None:
+        return
+    pending: list[pa.Table] = []
+    n_pending = 0
+    seen = 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        rows = pf.metadata.num_rows
+        if seen + rows <= skip:  # whole file before the resume point
+            seen += rows
+            continue
+        for rb in pf.iter_batches(batch_size=max(batch_size, 1024)):
+            t = pa.Table.from_batches([rb])
+            if seen < skip:
+                cut = min(skip - seen, t.num_rows)
+                seen += cut
+                t = t.slice(cut)
+            if not t.num_rows:
+                continue
+            pending.append(_conform(t, schema))
+            n_pending += t.num_rows
+            while n_pending >= batch_size:
+                whole = pa.concat_tables(pending)
+                yield whole.slice(0, batch_size)
+                rest = whole.slice(batch_size)
+                pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+    if n_pending:
+        yield pa.concat_tables(pending)
+
+
+def _count_rows(folder: Path) -> int:
+    return sum(pq.read_metadata(f).num_rows for f in list_shards(folder))
+
+
+# ---- checking -------------------------------------------------------------------------------------
+
+
+def check_pipeline(pipeline: Pipeline) -> dict[str, list[str]]:
+    """Check every step before running anything. Returns the columns each node's output will have."""
+    if not pipeline.nodes:
+        raise PipelineError("the pipeline has no steps")
+    columns: dict[str, list[str]] = {}
+    for node in pipeline.nodes.values():
+        step = node.step
+        try:
+            step.check()
+        except ThresherError as e:
+            raise type(e)(f"step {node.name!r}: {e}") from e
+        parent_cols = [columns[p] for p in node.parents]
+        check_columns(step, node.name, parent_cols)
+        columns[node.name] = step.output_columns(parent_cols)
+    fingerprints(pipeline)
+    return columns
+
+
+def fingerprints(pipeline: Pipeline) -> dict[str, str]:
+    fps: dict[str, str] = {}
+    for node in pipeline.nodes.values():
+        fps[node.name] = node.step.fingerprint([fps[p] for p in node.parents])
+    return fps
+
+
+# ---- results --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepRecord:
+    name: str
+    step: str
+    params: dict[str, Any]
+    parents: list[str]
+    fingerprint: str
+    dir: str
+    status: str = "pending"  # pending | running | done | cached | failed
+    rows_in: int | None = None
+    rows_out: int | None = None
+    rows_rejected: int | None = None
+    rows_failed: int | None = None
+    seconds: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    resumed_from_row: int | None = None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: dict[str, StepRecord]
+
+    def _dir(self, name: str) -> Path:
+        if name not in self.steps:
+            raise KeyError(f"no step named {name!r}; steps: {list(self.steps)}")
+        return self.run_dir / self.steps[name].dir
+
+    def output_dir(self, name: str) -> Path:
+        return self._dir(name) / "output"
+
+    def table(self, name: str) -> pa.Table:
+        return read_folder(self._dir(name) / "output")
+
+    def rejected(self, name: str) -> pa.Table:
+        return read_folder(self._dir(name) / "rejected")
+
+    def failed(self, name: str) -> pa.Table:
+        return read_folder(self._dir(name) / "failed")
+
+    @property
+    def executed(self) -> list[str]:
+        return [n for n, r in self.steps.items() if r.status == "done"]
+
+    @property
+    def cached(self) -> list[str]:
+        return [n for n, r in self.steps.items() if r.status == "cached"]
+
+
+# ---- the runner -----------------------------------------------------------------------------------
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, Step):
+        return {"step": type(v).__name__, "params": _jsonable(v.public_params())}
+    return repr(v)
+
+
+class Runner:
+    def __init__(self, pipeline: Pipeline, run_dir: str | Path, *, fresh: bool = False, progress: bool = True):
+        self.pipeline = pipeline
+        self.run_dir = Path(run_dir)
+        self.fresh = fresh
+        self.progress = progress
+        self.records: dict[str, StepRecord] = {}
+        self.started = time.time()
+
+    # manifest ----------------------------------------------------------------------------------
+
+    def _write_manifest(self) -> None:
+        doc = {
+            "pipeline": self.pipeline.name,
+            "started_at": self.started,
+            "updated_at": time.time(),
+            "steps": {n: _jsonable(vars(r)) for n, r in self.records.items()},
+        }
+        atomic_write_text(self.run_dir / MANIFEST, json.dumps(doc, indent=2, ensure_ascii=False))
+
+    # running -----------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        check_pipeline(self.pipeline)
+        fps = fingerprints(self.pipeline)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for node in self.pipeline.nodes.values():
+            fp = fps[node.name]
+            self.records[node.name] = StepRecord(
+                name=node.name,
+                step=f"{type(node.step).__module__}.{type(node.step).__qualname__}",
+                params=_jsonable(node.step.public_params()),
+                parents=list(node.parents),
+                fingerprint=fp,
+                dir=f"steps/{node.name}-{fp[:16]}",
+            )
+        if self.fresh:
+            for rec in self.records.values():
+                shutil.rmtree(self.run_dir / rec.dir, ignore_errors=True)
+        self._write_manifest()
+        for node in self.pipeline.nodes.values():
+            rec = self.records[node.name]
+            step_dir = self.run_dir / rec.dir
+            done = step_dir / DONE
+            if done.exists():
+                stats = json.loads(done.read_text())
+                for k in ("rows_in", "rows_out", "rows_rejected", "rows_failed", "seconds", "metrics"):
+                    setattr(rec, k, stats.get(k))
+                rec.status = "cached"
+                self._say(f"{node.name}: cached ({rec.rows_out} rows)")
+                self._write_manifest()
+                continue
+            rec.status = "running"
+            self._write_manifest()
+            t0 = time.perf_counter()
+            try:
+                node.step.load()
+                if isinstance(node.step, (RowStep, Filter)) and node.step.kind == "row":
+                    self._run_row_step(node.name, node.step, node.parents, step_dir, rec)
+                else:
+                    self._run_whole_step(node.name, node.step, node.parents, step_dir, rec)
+            except BaseException as e:
+                rec.status = "failed"
+                rec.error = f"{type(e).__name__}: {e}"
+                rec.seconds = time.perf_counter() - t0
+                self._write_manifest()
+                if isinstance(e, ThresherError) or not isinstance(e, Exception):
+                    raise
+                raise StepError(f"step {node.name!r} ({type(node.step).__name__}) failed: {e}") from e
+            rec.seconds = time.perf_counter() - t0
+            rec.metrics = _jsonable(node.step.metrics())
+            verify_accounting(
+                node.step, node.name, rec.rows_in or 0, rec.rows_out or 0, rec.rows_rejected or 0, rec.rows_failed or 0
+            )
+            stats = {k: getattr(rec, k) for k in ("rows_in", "rows_out", "rows_rejected", "rows_failed", "seconds")}
+            stats.update(fingerprint=rec.fingerprint, metrics=rec.metrics, finished_at=time.time())
+            atomic_write_text(done, json.dumps(stats, indent=2))
+            rec.status = "done"
+            self._write_manifest()
+            self._say(
+                f"{node.name}: {rec.rows_in} in -> {rec.rows_out} out, {rec.rows_rejected} rejected, "
+                f"{rec.rows_failed} failed ({rec.seconds:.2f}s)"
+            )
+        return RunResult(self.run_dir, dict(self.records))
+
+    def _say(self, msg: str) -> None:
+        if self.progress:
+            print(f"[thresher] {msg}", file=sys.stderr)
+
+    def _parent_dir(self, parent: str) -> Path:
+        return self.run_dir / self.records[parent].dir / "output"
+
+    def _run_row_step(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
+        src = self._parent_dir(parents[0])
+        total = self.records[parents[0]].rows_out
+        if total is None:
+            total = _count_rows(src)
+        # resume: keep the committed batches that tile the input from row 0
+        committed = list_shards(step_dir / "output")
+        offset = 0
+        for shard in committed:
+            a, b = _shard_range(shard)
+            if a != offset:
+                break
+            offset = b
+        for side in SIDES:  # drop anything past the resume point (a half-committed batch)
+            for shard in list_shards(step_dir / side):
+                if _shard_range(shard)[1] > offset:
+                    shard.unlink()
+        rec.resumed_from_row = offset or None
+        bs = max(1, int(getattr(step, "batch_size", 1024) or 1024))
+        bar = _progress(total, name, offset, self.progress)
+        start = offset
+        for batch in iter_batches(src, bs, skip=offset):
+            end = start + batch.num_rows
+            out = apply_row_step(step, name, batch)
+            self._commit(step_dir, start, end, out)
+            start = end
+            bar.update(batch.num_rows)
+        bar.close()
+        if start == 0 and not list_shards(step_dir / "output"):  # empty input: still leave a (empty) output
+            schema = _unified_schema(list_shards(src))
+            empty = schema.empty_table() if schema is not None else pa.table({})
+            atomic_write_parquet(empty, step_dir / "output" / shard_name(0, 0))
+        rec.rows_in = total
+        rec.rows_out = _count_rows(step_dir / "output")
+        rec.rows_rejected = _count_rows(step_dir / "rejected")
+        rec.rows_failed = _count_rows(step_dir / "failed")
+
+    def _commit(self, step_dir: Path, start: int, end: int, out: BatchOutput) -> None:
+        fname = shard_name(start, end)
+        if out.rejected is not None and out.rejected.num_rows:
+            atomic_write_parquet(out.rejected, step_dir / "rejected" / fname)
+        if out.failed is not None and out.failed.num_rows:
+            atomic_write_parquet(out.failed, step_dir / "failed" / fname)
+        atomic_write_parquet(out.output, step_dir / "output" / fname)  # last: marks the batch committed
+
+    def _run_whole_step(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
+        for side in SIDES:
+            shutil.rmtree(step_dir / side, ignore_errors=True)
+        tables = [read_folder(self._parent_dir(p)) for p in parents]
+        rec.rows_in = sum(t.num_rows for t in tables)
+        out = run_on_tables(step, name, tables)
+        self._write_whole(step_dir, out)
+        rec.rows_out = out.output.num_rows
+        rec.rows_rejected = out.rejected.num_rows if out.rejected is not None else 0
+        rec.rows_failed = out.failed.num_rows if out.failed is not None else 0
+
+    def _write_whole(self, step_dir: Path, out: BatchOutput, rows_per_file: int = 1_000_000) -> None:
+        for side, table in (("rejected", out.rejected), ("failed", out.failed), ("output", out.output)):
+            if table is None or (side != "output" and not table.num_rows):
+                continue
+            n = table.num_rows
+            for a in range(0, max(n, 1), rows_per_file):
+                b = min(n, a + rows_per_file)
+                atomic_write_parquet(table.slice(a, b - a), step_dir / side / shard_name(a, b))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, name: str, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, unit="row", leave=False, dynamic_ncols=True)
+

@@ -1,0 +1,1 @@
+"""Run reports: an HTML summary of a run directory with plots."""

@@ -1,0 +1,1 @@
+"""Rewriters: steps that polish kept responses (ReAlign-style format rewriting)."""

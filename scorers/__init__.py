@@ -1,0 +1,5 @@
+"""Scorers: steps that judge rows (LLM judge, IFD, DEITA, InsTag) and cheap text statistics."""
+
+from thresher.scorers.text_stats import SetValue, TextStats
+
+__all__ = ["SetValue", "TextStats"]

@@ -1,0 +1,17 @@
+"""Shared test fixtures: paths to ../shared/data and a scratch run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"../shared/data not found at {SHARED_DATA}: tests read the reference datasets from there")
+    return SHARED_DATA

@@ -1,0 +1,1 @@
+"""LoRA SFT trainer (torch + peft) and export of datasets for other trainers."""
