@@ -182,6 +182,22 @@ class Pipeline:
             lines.append(f"  {node.name}: {node.step!r}{after}")
         return "\n".join(lines)
 
+    # ---- YAML ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> Pipeline:
+        """Load a recipe file (or YAML text holding `steps:`)."""
+        from thresher.pipelines.recipe import load_recipe, recipe_from_text
+
+        if isinstance(path_or_text, str) and "\n" in path_or_text:
+            return recipe_from_text(path_or_text)
+        return load_recipe(path_or_text)
+
+    def to_yaml(self) -> str:
+        from thresher.pipelines.recipe import dump_recipe
+
+        return dump_recipe(self)
+
     # ---- checking and running -------------------------------------------------------------------
 
     def check(self) -> dict[str, list[str]]:

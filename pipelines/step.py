@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from thresher.errors import ConfigError, PipelineError
 from thresher.pipelines.fingerprint import stable_hash
-from thresher.pipelines.params import REDACTED, _Marked
+from thresher.pipelines.params import REDACTED, _Marked, runtime
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -229,8 +229,11 @@ class RowStep(Step):
     """A step that maps batches of rows to new or updated columns."""
 
     kind = "row"
-    #: default batch size when the subclass has no `batch_size` parameter
+    #: default batch size when a subclass's constructor has no `batch_size` parameter
     batch_size: int = 1024
+
+    def __init__(self, *, batch_size: int = runtime(1024)) -> None:
+        self.batch_size = batch_size
 
     def map_batch(self, batch: pa.Table) -> Mapping[str, Any]:
         """Return {column: values aligned with the batch}; an `error` column marks failed rows."""
@@ -242,6 +245,9 @@ class Filter(Step):
 
     kind = "row"
     batch_size: int = 1024
+
+    def __init__(self, *, batch_size: int = runtime(1024)) -> None:
+        self.batch_size = batch_size
 
     def keep(self, batch: pa.Table) -> tuple[Any, Any] | tuple[Any, Any, Mapping[str, Any]]:
         """Return (mask, reasons) or (mask, reasons, new_columns).
@@ -256,6 +262,9 @@ class GlobalFilter(Filter):
     """A filter that needs all rows at once (dedup, diversity selection, top-k)."""
 
     kind = "global"
+
+    def __init__(self) -> None:  # no batch size: it sees the whole table
+        pass
 
 
 class GlobalStep(Step):

@@ -1,0 +1,159 @@
+"""The `thresher` command: run recipes, convert datasets, inspect files and run directories, train."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from thresher.errors import ThresherError
+
+# Commands that live with the code they drive and import heavy libraries: loaded only when called.
+_LAZY_COMMANDS = {
+    "train": ("thresher.trainer.cli", "train", "Fine-tune a model with LoRA SFT from a YAML config."),
+    "export": ("thresher.trainer.cli", "export", "Export a dataset for TRL, LLaMA-Factory or axolotl."),
+}
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _LAZY_COMMANDS:
+            module, attr, _ = _LAZY_COMMANDS[name]
+            try:
+                cmd: click.Command = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise click.ClickException(f"`thresher {name}` is not available: {e}") from e
+            return cmd
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in _LAZY_COMMANDS:
+                rows.append((name, _LAZY_COMMANDS[name][2]))
+            else:
+                cmd = super().get_command(ctx, name)
+                if cmd is not None:
+                    rows.append((name, cmd.get_short_help_str(80)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ThresherError as e:  # expected failures: one clear message, no traceback
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="thresher")
+def main() -> None:
+    """thresher: grow, judge, dedup, polish and train on instruction data, as resumable pipelines."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/<recipe name>). Finished steps found there are not run again.")
+@click.option("--fresh", is_flag=True, help="Ignore and delete cached outputs of this recipe's steps first.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or step messages.")
+def run(recipe: Path, out: Path | None, fresh: bool, quiet: bool) -> None:
+    """Run the pipeline in RECIPE (YAML), resuming whatever an earlier run finished."""
+    from thresher.pipelines.recipe import load_recipe
+
+    pipeline = load_recipe(recipe)
+    run_dir = out or Path("runs") / pipeline.name
+    result = pipeline.run(run_dir, fresh=fresh, progress=not quiet)
+    click.echo(_steps_table(result.run_dir))
+    for leaf in pipeline.leaves():
+        click.echo(f"output of {leaf}: {result.output_dir(leaf)}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "to_layout", required=True,
+              help="Layout to write: alpaca, sharegpt, messages or prompt_completion.")
+@click.option("--format", "file_format", default=None,
+              help="File format to write: json, jsonl, parquet, csv or hf (default: from DST's extension).")
+@click.option("--on-bad-record", type=click.Choice(["fail", "skip", "quarantine"]), default="fail",
+              show_default=True, help="What to do with a malformed input record.")
+def convert(src: Path, dst: Path, to_layout: str, file_format: str | None, on_bad_record: str) -> None:
+    """Convert SRC (any supported layout and format) into DST with another layout or format."""
+    from thresher.data import convert as convert_file
+
+    n = convert_file(src, dst, to_layout=to_layout, file_format=file_format, on_bad_record=on_bad_record)
+    click.echo(f"wrote {n} rows to {dst} ({to_layout})")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Show counts, columns and score summaries of a data FILE or a RUN_DIR."""
+    if (path / "manifest.json").is_file():
+        manifest = json.loads((path / "manifest.json").read_text())
+        if as_json:
+            click.echo(json.dumps(manifest, indent=2))
+        else:
+            click.echo(_steps_table(path))
+        return
+    from thresher.data import summarize
+
+    summary = summarize(path)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+@main.command()
+def steps() -> None:
+    """List the step names a recipe can use."""
+    from thresher.pipelines.registry import _REGISTRY, available_steps
+
+    for name in available_steps():
+        doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()
+        click.echo(f"{name:24s} {doc[0] if doc else ''}")
+
+
+def _steps_table(run_dir: Path) -> str:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    rows = [("step", "status", "in", "out", "rejected", "failed", "seconds")]
+    for name, s in manifest["steps"].items():
+        secs = s.get("seconds")
+        rows.append((
+            name, s["status"], *(str(s.get(k) if s.get(k) is not None else "-")
+                                 for k in ("rows_in", "rows_out", "rows_rejected", "rows_failed")),
+            f"{secs:.2f}" if isinstance(secs, (int, float)) else "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    out = [f"run {run_dir} ({manifest.get('pipeline')})", *lines]
+    for name, s in manifest["steps"].items():
+        if s.get("error"):
+            out.append(f"  {name} failed: {s['error']}")
+        usage = s.get("metrics") or {}
+        if usage:
+            out.append(f"  {name} metrics: " + ", ".join(f"{k}={v}" for k, v in usage.items()))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The runner: step cache, re-runs that do no work, parameter changes, SIGKILL and resume, accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from thresher.errors import AccountingError, PipelineError, StepError
+from thresher.filters import LengthFilter
+from thresher.pipelines import Pipeline, RowStep
+from thresher.pipelines.runner import list_shards
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_steps import EvenOnly, Flaky, Numbers, Square, calls, count  # noqa: E402
+
+
+def three_steps(counters: Path, *, offset: int = 0, sleep: float = 0.0) -> Pipeline:
+    c = str(counters)
+    return Numbers(n=100, counter_dir=c) >> Square(offset=offset, sleep=sleep, counter_dir=c) >> EvenOnly(counter_dir=c)
+
+
+def test_rerun_does_no_step_work(tmp_path: Path) -> None:
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    first = three_steps(counters).run(tmp_path / "run", progress=False)
+    assert first.executed == ["numbers", "square", "even_only"]
+    work = {n: calls(counters, n) for n in ("numbers", "square", "even_only")}
+    assert work == {"numbers": 1, "square": 10, "even_only": 7}  # 100 rows in batches of 10 and 16
+
+    for _ in range(2):
+        again = three_steps(counters).run(tmp_path / "run", progress=False)
+        assert again.executed == []
+        assert again.cached == ["numbers", "square", "even_only"]
+        assert {n: calls(counters, n) for n in work} == work  # no step did any work
+        assert again.table("even_only").equals(first.table("even_only"))
+
+
+def test_changed_parameter_reruns_only_that_step_and_descendants(tmp_path: Path) -> None:
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    three_steps(counters).run(tmp_path / "run", progress=False)
+    before = {n: calls(counters, n) for n in ("numbers", "square", "even_only")}
+
+    changed = three_steps(counters, offset=1).run(tmp_path / "run", progress=False)
+    assert changed.cached == ["numbers"]
+    assert changed.executed == ["square", "even_only"]
+    assert calls(counters, "numbers") == before["numbers"]
+    assert calls(counters, "square") == 2 * before["square"]
+    # x^2 + 1 flips parity, so the filter keeps the rows it rejected before
+    assert set(changed.table("even_only").column("square").to_pylist()) == {i * i + 1 for i in range(1, 100, 2)}
+
+    # a runtime knob (batch size, sleep) is not part of the fingerprint: nothing re-runs
+    knob = Numbers(n=100, counter_dir=str(counters)) >> Square(offset=1, batch_size=33) >> EvenOnly(batch_size=5)
+    assert knob.run(tmp_path / "run", progress=False).executed == []
+
+
+def test_fresh_runs_everything_again(tmp_path: Path) -> None:
+    counters = tmp_path / "c"
+    counters.mkdir()
+    three_steps(counters).run(tmp_path / "run", progress=False)
+    again = three_steps(counters).run(tmp_path / "run", progress=False, fresh=True)
+    assert again.executed == ["numbers", "square", "even_only"]
+    assert calls(counters, "numbers") == 2
+
+
+def test_accounting_and_manifest(tmp_path: Path) -> None:
+    pipe = Numbers(n=100) >> Flaky() >> LengthFilter(min_chars=3)
+    result = pipe.run(tmp_path / "run", progress=False)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for name, rec in manifest["steps"].items():
+        if name == "numbers":
+            continue
+        assert rec["rows_in"] == rec["rows_out"] + rec["rows_rejected"] + rec["rows_failed"], name
+        assert rec["status"] == "done"
+        assert rec["fingerprint"] and rec["seconds"] is not None
+    flaky = manifest["steps"]["flaky"]
+    assert flaky["rows_failed"] == 10  # row7, row17, ... row97
+    failed = result.failed("flaky")
+    assert set(failed.column("failed_by").to_pylist()) == {"flaky"}
+    assert failed.column("error").to_pylist()[0] == "backend refused row7"
+    rejected = result.rejected("length_filter")
+    assert rejected.num_rows == manifest["steps"]["length_filter"]["rows_rejected"] > 0
+    assert all(r.startswith("output has ") for r in rejected.column("reason").to_pylist())
+    assert set(rejected.column("rejected_by").to_pylist()) == {"length_filter"}
+
+
+def test_step_that_loses_rows_is_caught(tmp_path: Path) -> None:
+    class Lossy(RowStep):
+        inputs = ("id",)
+        outputs = ("x",)
+
+        def map_batch(self, batch: pa.Table) -> dict[str, list[int]]:
+            return {"x": [1] * (batch.num_rows - 1)}
+
+    with pytest.raises(StepError, match="has 9 values for a batch of 10 rows"):
+        (Numbers(n=20) >> Lossy(batch_size=10)).run(tmp_path / "r", progress=False)
+
+    from thresher.pipelines.execute import verify_accounting
+
+    with pytest.raises(AccountingError, match="rows were lost or invented"):
+        verify_accounting(EvenOnly(), "even_only", 10, 5, 3, 1)
+
+
+def test_columns_checked_before_any_work(tmp_path: Path) -> None:
+    counters = tmp_path / "c"
+    counters.mkdir()
+    # EvenOnly needs `square`, which only Square adds: nothing may run, not even the source
+    pipe = Numbers(n=10, counter_dir=str(counters)) >> EvenOnly()
+    with pytest.raises(PipelineError, match=r"needs column\(s\) \['square'\]"):
+        pipe.run(tmp_path / "run", progress=False)
+    assert calls(counters, "numbers") == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_fan_out_and_fan_in(tmp_path: Path) -> None:
+    from thresher.pipelines import GlobalStep
+
+    class Union(GlobalStep):
+        inputs = ("id",)
+        n_inputs = None
+
+        def process(self, tables: list[pa.Table]) -> pa.Table:
+            return pa.concat_tables(tables, promote_options="permissive")
+
+    src = Numbers(n=30)
+    sq = Square()
+    a, b = LengthFilter(min_chars=3), LengthFilter(max_chars=2, min_chars=0)
+    pipe = src >> sq >> [a, b]
+    pipe = pipe >> Union()
+    assert list(pipe.nodes) == ["numbers", "square", "length_filter", "length_filter_2", "union"]
+    assert pipe.nodes["union"].parents == ["length_filter", "length_filter_2"]
+    res = pipe.run(tmp_path / "run", progress=False)
+    # the two filters partition the rows, so their union has every row exactly once
+    assert sorted(res.table("union").column("id").to_pylist()) == sorted(f"row{i}" for i in range(30))
+
+    # the list form of fan-in gives the same graph
+    other = [src >> sq >> a, b] >> Union()
+    assert set(other.nodes) == {"numbers", "square", "length_filter", "length_filter_2", "union"}
+
+
+def test_cycle_and_unknown_parent_are_errors() -> None:
+    p = Pipeline()
+    p.add(Numbers(n=1), name="src")
+    with pytest.raises(PipelineError, match="not in the pipeline"):
+        p.add(Square(), name="sq", after=["nope"])
+    sq = Square()
+    chain = Numbers(n=1) >> sq
+    with pytest.raises(PipelineError, match="cycle"):
+        chain >> Square() >> sq  # noqa: B018 (sq would depend on its own descendant)
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from pipeline_steps import Numbers, Square, EvenOnly
+    c = {counters!r}
+    pipe = Numbers(n=100, counter_dir=c) >> Square(sleep={sleep}, counter_dir=c) >> EvenOnly(counter_dir=c)
+    pipe.run({run!r}, progress=False)
+    """
+)
+
+
+def test_sigkill_mid_step_then_resume_gives_same_output(tmp_path: Path) -> None:
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    (tmp_path / "refc").mkdir()
+    reference = three_steps(tmp_path / "refc").run(tmp_path / "reference", progress=False)
+    run_dir = tmp_path / "run"
+    script = tmp_path / "job.py"
+    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).parent), counters=str(counters), run=str(run_dir),
+                                          sleep=0.15))
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 60
+        # wait until Square has committed some but not all of its 10 batches
+        while time.time() < deadline:
+            shards = [p for d in (run_dir / "steps").glob("square-*") for p in list_shards(d / "output")]
+            if len(shards) >= 4:
+                break
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    done_before_kill = count(counters, "square")
+    assert 40 <= done_before_kill < 100
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["steps"]["square"]["status"] == "running"
+
+    resumed = three_steps(counters).run(run_dir, progress=False)
+    assert resumed.cached == ["numbers"]
+    assert calls(counters, "numbers") == 1  # the source was not run again
+    redone = count(counters, "square") - done_before_kill
+    committed = resumed.steps["square"].resumed_from_row
+    assert committed is not None and committed >= 40
+    # only the batches after the last committed one ran again (at most the one in flight is repeated)
+    assert redone == 100 - committed
+    assert resumed.table("even_only").equals(reference.table("even_only"))
+    assert resumed.rejected("even_only").equals(reference.rejected("even_only"))
+    assert resumed.table("square").equals(reference.table("square"))
