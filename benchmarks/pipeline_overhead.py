@@ -20,10 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = (
-    "the model answer data set train instruction explain write list give describe compare python code story poem "
-    "summary table value number time people world example question reason step result because however which"
-).split()
+WORDS = ["the", "model", "answer", "data", "set", "train", "instruction", "explain", "write", "list", "give", "describe", "compare", "python", "code", "story", "poem", "summary", "table", "value", "number", "time", "people", "world", "example", "question", "reason", "step", "result", "because", "however", "which"]
 
 # the five steps, said once for both variants
 REGEX = r"as an ai|i cannot|sorry"

@@ -30,8 +30,7 @@ class ExactDedup(GlobalFilter):
     def __init__(self, *, fields: tuple[str, ...] | list[str] = ("instruction", "input")):
         self.fields = fields
 
-    @property  # type: ignore[override]
-    def inputs(self) -> tuple[str, ...]:
+    def reads(self) -> tuple[str, ...]:
         return ("id", *self.fields)
 
     def check(self) -> None:

@@ -15,6 +15,7 @@ from thresher.pipelines import Filter, runtime
 class LengthFilter(Filter):
     """Keep rows whose `field` has between `min_chars` and `max_chars` characters (null counts as 0)."""
 
+    inputs = ("output",)
     VERSION = "1"
 
     def __init__(
@@ -22,8 +23,7 @@ class LengthFilter(Filter):
     ):
         self.field, self.min_chars, self.max_chars, self.batch_size = field, min_chars, max_chars, batch_size
 
-    @property  # type: ignore[override]
-    def inputs(self) -> tuple[str, ...]:
+    def reads(self) -> tuple[str, ...]:
         return (self.field,)
 
     def check(self) -> None:
@@ -47,6 +47,7 @@ class LengthFilter(Filter):
 class RegexFilter(Filter):
     """Drop rows whose `field` matches `pattern` (or, with `keep_matching=True`, rows that do not)."""
 
+    inputs = ("output",)
     VERSION = "1"
 
     def __init__(
@@ -61,8 +62,7 @@ class RegexFilter(Filter):
         self.pattern, self.field, self.ignore_case = pattern, field, ignore_case
         self.keep_matching, self.batch_size = keep_matching, batch_size
 
-    @property  # type: ignore[override]
-    def inputs(self) -> tuple[str, ...]:
+    def reads(self) -> tuple[str, ...]:
         return (self.field,)
 
     def check(self) -> None:

@@ -70,7 +70,7 @@ def check_columns(step: Step, name: str, input_columns: Sequence[Sequence[str]])
     if n is None and not input_columns:
         raise PipelineError(f"step {name!r} ({type(step).__name__}) needs at least one input")
     for i, cols in enumerate(input_columns):
-        missing = [c for c in step.inputs if c not in cols]
+        missing = [c for c in step.reads() if c not in cols]
         if missing:
             which = f" (input {i})" if len(input_columns) > 1 else ""
             raise PipelineError(
@@ -95,10 +95,10 @@ def _as_array(values: Any, n: int, step_name: str, column: str) -> pa.Array | pa
 def _set_columns(step: Step, name: str, table: pa.Table, columns: Mapping[str, Any]) -> pa.Table:
     n = table.num_rows
     for col, values in columns.items():
-        if col not in step.outputs:
+        if col not in step.writes():
             raise StepError(
                 f"step {name!r} ({type(step).__name__}) returned column {col!r} it does not declare; "
-                f"declared outputs: {list(step.outputs)}"
+                f"declared outputs: {list(step.writes())}"
             )
         arr = _as_array(values, n, name, col)
         idx = table.schema.get_field_index(col)

@@ -90,7 +90,7 @@ class Step:
                             kw[n] = m.value
                     own_init(self, **kw)
 
-                cls.__init__ = __init__  # type: ignore[misc]
+                setattr(cls, "__init__", __init__)  # noqa: B010 (mypy forbids assigning a method directly)
         if cls.__module__ != __name__ and not inspect.isabstract(cls):  # the bases below are abstract
             if not cls.inputs and not cls.outputs:
                 raise TypeError(
@@ -177,6 +177,14 @@ class Step:
         """Numbers the step wants in the run manifest (usage, cost, cache hits). Called after it ran."""
         return {}
 
+    def reads(self) -> tuple[str, ...]:
+        """Columns this instance reads: the class's `inputs`, unless a parameter names them (override)."""
+        return tuple(self.inputs)
+
+    def writes(self) -> tuple[str, ...]:
+        """Columns this instance adds: the class's `outputs`, unless a parameter names them (override)."""
+        return tuple(self.outputs)
+
     def output_columns(self, input_columns: Sequence[Sequence[str]]) -> list[str]:
         """Columns of the step's output, given its inputs' columns. Used to check the DAG before running."""
         cols: list[str] = []
@@ -184,7 +192,7 @@ class Step:
             for c in group:
                 if c not in cols:
                     cols.append(c)
-        for c in self.outputs:
+        for c in self.writes():
             if c not in cols:
                 cols.append(c)
         return cols

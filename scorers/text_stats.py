@@ -42,8 +42,7 @@ class SetValue(RowStep):
     def __init__(self, *, column: str = "source", value: Any = None, batch_size: int = runtime(8192)):
         self.column, self.value, self.batch_size = column, value, batch_size
 
-    @property  # type: ignore[override]
-    def outputs(self) -> tuple[str, ...]:
+    def writes(self) -> tuple[str, ...]:
         return (self.column,)
 
     def map_batch(self, batch: pa.Table) -> dict[str, Any]:

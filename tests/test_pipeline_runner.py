@@ -20,7 +20,7 @@ from thresher.pipelines import Pipeline, RowStep
 from thresher.pipelines.runner import list_shards
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_steps import EvenOnly, Flaky, Numbers, Square, calls, count  # noqa: E402
+from pipeline_steps import EvenOnly, Flaky, Numbers, Square, calls, count
 
 
 def three_steps(counters: Path, *, offset: int = 0, sleep: float = 0.0) -> Pipeline:
@@ -155,7 +155,7 @@ def test_cycle_and_unknown_parent_are_errors() -> None:
     sq = Square()
     chain = Numbers(n=1) >> sq
     with pytest.raises(PipelineError, match="cycle"):
-        chain >> Square() >> sq  # noqa: B018 (sq would depend on its own descendant)
+        chain >> Square() >> sq
 
 
 _KILL_SCRIPT = textwrap.dedent(
