@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -359,12 +361,12 @@ class Runner:
         bs = max(1, int(getattr(step, "batch_size", 1024) or 1024))
         bar = _progress(total, name, offset, self.progress)
         start = offset
-        for batch in iter_batches(src, bs, skip=offset):
-            end = start + batch.num_rows
-            out = apply_row_step(step, name, batch)
-            self._commit(step_dir, start, end, out)
-            start = end
-            bar.update(batch.num_rows)
+        with _ShardWriter(step_dir) as writer:  # writes batch i while the step computes batch i+1
+            for batch in _prefetch(iter_batches(src, bs, skip=offset)):
+                end = start + batch.num_rows
+                writer.put(start, end, apply_row_step(step, name, batch))
+                start = end
+                bar.update(batch.num_rows)
         bar.close()
         if start == 0 and not list_shards(step_dir / "output"):  # empty input: still leave a (empty) output
             schema = _unified_schema(list_shards(src))
@@ -374,14 +376,6 @@ class Runner:
         rec.rows_out = _count_rows(step_dir / "output")
         rec.rows_rejected = _count_rows(step_dir / "rejected")
         rec.rows_failed = _count_rows(step_dir / "failed")
-
-    def _commit(self, step_dir: Path, start: int, end: int, out: BatchOutput) -> None:
-        fname = shard_name(start, end)
-        if out.rejected is not None and out.rejected.num_rows:
-            atomic_write_parquet(out.rejected, step_dir / "rejected" / fname)
-        if out.failed is not None and out.failed.num_rows:
-            atomic_write_parquet(out.failed, step_dir / "failed" / fname)
-        atomic_write_parquet(out.output, step_dir / "output" / fname)  # last: marks the batch committed
 
     def _run_whole_step(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
         for side in SIDES:
@@ -402,6 +396,90 @@ class Runner:
             for a in range(0, max(n, 1), rows_per_file):
                 b = min(n, a + rows_per_file)
                 atomic_write_parquet(table.slice(a, b - a), step_dir / side / shard_name(a, b))
+
+
+def _prefetch(it: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
+    """Read the next batches on a background thread while the step works on this one (Parquet decoding and
+    Arrow compute both release the GIL, so on two cores they overlap)."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in it:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:
+            put(e)
+
+    t = threading.Thread(target=produce, name="thresher-prefetch", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+def commit_batch(step_dir: Path, start: int, end: int, out: BatchOutput) -> None:
+    """Persist one batch: side outputs first, the output shard last (its presence marks the batch committed)."""
+    fname = shard_name(start, end)
+    if out.rejected is not None and out.rejected.num_rows:
+        atomic_write_parquet(out.rejected, step_dir / "rejected" / fname)
+    if out.failed is not None and out.failed.num_rows:
+        atomic_write_parquet(out.failed, step_dir / "failed" / fname)
+    atomic_write_parquet(out.output, step_dir / "output" / fname)
+
+
+class _ShardWriter:
+    """Commits batches in order on a background thread, so writing overlaps the next batch's compute.
+
+    Parquet writing releases the GIL. The queue holds at most two batches, so memory stays bounded; a batch still
+    queued when the process dies was never committed, which resume handles like any unfinished batch.
+    """
+
+    def __init__(self, step_dir: Path) -> None:
+        self.step_dir = step_dir
+        self.queue: queue.Queue[tuple[int, int, BatchOutput] | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="thresher-shard-writer", daemon=True)
+
+    def __enter__(self) -> _ShardWriter:
+        self.thread.start()
+        return self
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    commit_batch(self.step_dir, *item)
+                except BaseException as e:  # surfaced to the caller on its next put() or at exit
+                    self.error = e
+
+    def put(self, start: int, end: int, out: BatchOutput) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((start, end, out))
+
+    def __exit__(self, *exc: object) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 class _NoBar:
