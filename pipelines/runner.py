@@ -272,8 +272,12 @@ class Runner:
 
     def run(self) -> RunResult:
         check_pipeline(self.pipeline)
-        fps = fingerprints(self.pipeline)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with _RunLock(self.run_dir):
+            return self._run()
+
+    def _run(self) -> RunResult:
+        fps = fingerprints(self.pipeline)
         for node in self.pipeline.nodes.values():
             fp = fps[node.name]
             self.records[node.name] = StepRecord(
@@ -480,6 +484,37 @@ class _ShardWriter:
         self.thread.join()
         if self.error is not None and exc[0] is None:
             raise self.error
+
+
+class _RunLock:
+    """One runner per run directory at a time: two would write the same shards and the same manifest."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.fh: Any = None
+
+    def __enter__(self) -> _RunLock:
+        import fcntl
+
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise PipelineError(f"run directory {self.path.parent} is in use by {holder}; wait for it or use --out") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()}")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
 
 
 class _NoBar:

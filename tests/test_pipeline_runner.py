@@ -211,3 +211,13 @@ def test_sigkill_mid_step_then_resume_gives_same_output(tmp_path: Path) -> None:
     assert resumed.table("even_only").equals(reference.table("even_only"))
     assert resumed.rejected("even_only").equals(reference.rejected("even_only"))
     assert resumed.table("square").equals(reference.table("square"))
+
+
+def test_one_runner_per_run_directory(tmp_path: Path) -> None:
+    from thresher.pipelines.runner import _RunLock
+
+    (tmp_path / "run").mkdir()
+    with _RunLock(tmp_path / "run"), pytest.raises(PipelineError, match=r"is in use by pid \d+"):
+        three_steps(tmp_path).run(tmp_path / "run", progress=False)
+    # once released, the directory is usable again
+    assert three_steps(tmp_path).run(tmp_path / "run", progress=False).executed
