@@ -65,7 +65,11 @@ def main() -> None:
               help="Run directory (default: runs/<recipe name>). Finished steps found there are not run again.")
 @click.option("--fresh", is_flag=True, help="Ignore and delete cached outputs of this recipe's steps first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or step messages.")
-def run(recipe: Path, out: Path | None, fresh: bool, quiet: bool) -> None:
+@click.option("--export", "export", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the final step's output to this file (format from its extension).")
+@click.option("--layout", default="alpaca", show_default=True,
+              help="Layout of --export: alpaca, sharegpt, messages or prompt_completion.")
+def run(recipe: Path, out: Path | None, fresh: bool, quiet: bool, export: Path | None, layout: str) -> None:
     """Run the pipeline in RECIPE (YAML), resuming whatever an earlier run finished."""
     from thresher.pipelines.recipe import load_recipe
 
@@ -75,6 +79,12 @@ def run(recipe: Path, out: Path | None, fresh: bool, quiet: bool) -> None:
     click.echo(_steps_table(result.run_dir))
     for leaf in pipeline.leaves():
         click.echo(f"output of {leaf}: {result.output_dir(leaf)}")
+    if export is not None:
+        from thresher.data import write_records
+
+        final = list(pipeline.nodes)[-1]
+        n = write_records(result.table(final), export, layout=layout)
+        click.echo(f"exported {n} rows of {final} to {export} ({layout})")
 
 
 @main.command()

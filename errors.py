@@ -52,9 +52,18 @@ class RecordError(ThresherError, ValueError):
 class TruncatedFileError(RecordError):
     """The file ends in the middle of a record."""
 
-    def __init__(self, message: str, *, path: str | None = None, complete_records: int = 0, **kw: int | None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        complete_records: int = 0,
+        line: int | None = None,
+        row: int | None = None,
+        field: str | None = None,
+    ) -> None:
         self.complete_records = complete_records
-        super().__init__(message, path=path, **kw)  # type: ignore[arg-type]
+        super().__init__(message, path=path, line=line, row=row, field=field)
 
 
 class ConfigError(ThresherError, ValueError):

@@ -25,7 +25,7 @@ class ExactDedup(GlobalFilter):
 
     inputs = ("id", "instruction")
     outputs = ("dedup_key", "duplicate_of")
-    VERSION = "1"
+    VERSION = "2"
 
     def __init__(self, *, fields: tuple[str, ...] | list[str] = ("instruction", "input")):
         self.fields = fields
@@ -53,5 +53,5 @@ class ExactDedup(GlobalFilter):
                 first[key] = ids[i]
                 mask.append(True)
                 dup_of.append(None)
-        reasons = [None if m else f"exact duplicate of {d} on {list(self.fields)}" for m, d in zip(mask, dup_of, strict=True)]
-        return mask, reasons, {"dedup_key": keys, "duplicate_of": pa.array(dup_of, type=pa.string())}
+        # one reason for every removed row (so reasons can be counted); `duplicate_of` names the kept row
+        return mask, f"exact duplicate on {', '.join(self.fields)}", {"dedup_key": keys, "duplicate_of": pa.array(dup_of, type=pa.string())}

@@ -530,5 +530,6 @@ def _progress(total: int, name: str, initial: int, enabled: bool) -> Any:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=name, unit="row", leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
+    return tqdm(total=total, initial=initial, desc=name, unit="row", leave=False, dynamic_ncols=True, disable=None)
 

@@ -30,6 +30,8 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "ExactDedup": ({}, "fields", ["instruction"]),
     "Load": ({"path": str(SHARED / "llama-factory-demo" / "alpaca_en_demo.json")}, "limit", 7),
     "Concat": ({}, "", None),
+    "Respond": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "max_tokens": 64},
+                "temperature", 0.0),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
@@ -112,7 +114,7 @@ def test_exact_dedup_explains_itself() -> None:
     assert res.rows_out == 30 and res.rows_rejected == 10
     row = res.rejected.to_pylist()[0]
     assert row["duplicate_of"] in set(res.output.column("id").to_pylist())
-    assert row["reason"].startswith(f"exact duplicate of {row['duplicate_of']}")
+    assert row["reason"] == "exact duplicate on instruction, input"
     assert "dedup_key" in res.output.column_names
 
 
