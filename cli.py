@@ -69,9 +69,18 @@ def main() -> None:
               help="Also write the final step's output to this file (format from its extension).")
 @click.option("--layout", default="alpaca", show_default=True,
               help="Layout of --export: alpaca, sharegpt, messages or prompt_completion.")
-def run(recipe: Path, out: Path | None, fresh: bool, quiet: bool, export: Path | None, layout: str) -> None:
+@click.option("--no-cache", is_flag=True,
+              help="Do not read or write the LLM request cache (every model request is sent again).")
+def run(
+    recipe: Path, out: Path | None, fresh: bool, quiet: bool, export: Path | None, layout: str, no_cache: bool
+) -> None:
     """Run the pipeline in RECIPE (YAML), resuming whatever an earlier run finished."""
+    import os
+
     from thresher.pipelines.recipe import load_recipe
+
+    if no_cache:
+        os.environ["THRESHER_NO_CACHE"] = "1"  # read by every backend when it opens its request cache
 
     pipeline = load_recipe(recipe)
     run_dir = out or Path("runs") / pipeline.name
@@ -139,6 +148,50 @@ def steps() -> None:
     for name in available_steps():
         doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()
         click.echo(f"{name:24s} {doc[0] if doc else ''}")
+
+
+@main.group()
+def cache() -> None:
+    """The LLM request cache (SQLite): stats and clearing."""
+
+
+@cache.command("stats")
+@click.option("--path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Cache file (default: $THRESHER_CACHE, $THRESHER_CACHE_DIR/requests.sqlite or ~/.cache/thresher).")
+def cache_stats(path: Path | None) -> None:
+    """Rows and bytes stored, per kind of request and model."""
+    from thresher.llms.cache import RequestCache, default_cache_path
+
+    target = path or default_cache_path()
+    if not target.exists():
+        click.echo(f"no cache at {target}")
+        return
+    store = RequestCache(target)
+    stats = store.stats()
+    click.echo(f"{stats.path}: {stats.rows} answers, {stats.bytes / 1e6:.1f} MB")
+    for row in store.by_model():
+        click.echo(f"  {row['kind']:10s} {row['model']:40s} {row['rows']:8d} rows {row['bytes'] / 1e6:8.1f} MB")
+    store.close()
+
+
+@cache.command("clear")
+@click.option("--path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Cache file.")
+@click.option("--model", default=None, help="Only the answers of this model.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def cache_clear(path: Path | None, model: str | None, yes: bool) -> None:
+    """Delete stored answers (paid-for work: asks first)."""
+    from thresher.llms.cache import RequestCache, default_cache_path
+
+    target = path or default_cache_path()
+    if not target.exists():
+        click.echo(f"no cache at {target}")
+        return
+    if not yes:
+        click.confirm(f"delete {'all' if model is None else model} answers in {target}?", abort=True)
+    store = RequestCache(target)
+    n = store.clear(model=model)
+    store.close()
+    click.echo(f"deleted {n} answers")
 
 
 def _steps_table(run_dir: Path) -> str:

@@ -72,3 +72,21 @@ def test_bad_recipe_is_one_clear_error(tmp_path: Path) -> None:
 def test_entry_point_installed() -> None:
     proc = subprocess.run([sys.executable, "-m", "thresher.cli", "steps"], capture_output=True, text=True, check=True)
     assert "LengthFilter" in proc.stdout and "ExactDedup" in proc.stdout
+
+
+def test_cache_stats_and_clear(tmp_path: Path) -> None:
+    from thresher.llms.cache import RequestCache
+
+    path = tmp_path / "requests.sqlite"
+    store = RequestCache(path)
+    store.put("k1", b"answer one", kind="chat", model="smollm2")
+    store.put("k2", b"answer two", kind="embed", model="minilm")
+    store.flush()
+    store.close()
+    runner = CliRunner()
+    shown = runner.invoke(main, ["cache", "stats", "--path", str(path)])
+    assert shown.exit_code == 0 and "2 answers" in shown.output and "smollm2" in shown.output
+    refused = runner.invoke(main, ["cache", "clear", "--path", str(path)], input="n\n")
+    assert refused.exit_code != 0  # paid-for answers are not deleted without a yes
+    cleared = runner.invoke(main, ["cache", "clear", "--path", str(path), "--model", "smollm2", "--yes"])
+    assert cleared.exit_code == 0 and "deleted 1 answers" in cleared.output

@@ -1,0 +1,507 @@
+"""`Transformers`: a local Hugging Face model for generation and for token log-probabilities of given text (IFD,
+DEITA, expected judge scores).
+
+Log-probabilities: each (prefix, continuation) pair is tokenized as prefix tokens (with the tokenizer's special
+tokens) followed by continuation tokens (without), so the continuation's tokens are the same whatever the prefix —
+what IFD needs to compare a conditioned and an unconditioned pass. Pairs are sorted by length and batched with
+right padding (positions of real tokens are then the same as unbatched, so batched numbers equal one-at-a-time
+ones); only the continuation positions go through the output layer, one row at a time, so a 49k-token vocabulary
+never makes a (batch x length x vocab) tensor.
+
+GGUF files load through transformers' GGUF support (`from_pretrained(dir, gguf_file=name)`, needs `gguf`), which
+de-quantizes every tensor and takes 20-40 s; the result is converted once into
+`~/.cache/thresher/hf-from-gguf/<content hash>/` (safetensors) and loaded from there afterwards (~0.2 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from thresher.errors import BackendError, ConfigError
+from thresher.llms.base import TokenLogprobs, Usage
+from thresher.llms.bundled import model_digest, smollm2_gguf
+from thresher.llms.cache import RequestCache, request_key
+from thresher.llms.local import GenItem, GenOut, LocalChatBackend
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def _dtype_kw(dtype: Any) -> dict[str, Any]:
+    """transformers >= 4.56 takes `dtype=`; older releases only `torch_dtype=`."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def conversion_dir() -> Path:
+    base = os.environ.get("THRESHER_MODEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "thresher", "hf-from-gguf"
+    )
+    return Path(base).expanduser()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (two test sessions converting the same GGUF wait for each other)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - Windows: no lock, the atomic rename still keeps the result whole
+            pass
+        yield
+
+
+def hf_dir_for_gguf(gguf: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A transformers model directory (safetensors) converted from `gguf`, made once and reused."""
+    gguf = Path(gguf)
+    root = Path(cache_dir) if cache_dir is not None else conversion_dir()
+    target = root / f"{gguf.stem}-{model_digest(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    with _file_lock(root / f".{target.name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, **_dtype_kw(torch.float32)
+        )
+        # the weights are plain de-quantized tensors now; drop the GGUF marker that forbids saving
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class Transformers(LocalChatBackend):
+    """A local transformers causal LM: `chat`/`complete`, `logprobs`, `next_token_logprobs`.
+
+    - model: a .gguf file, a model directory, or a hub id already in the local HF cache (default: the bundled
+      SmolLM2-135M-Instruct GGUF). Nothing is downloaded.
+    - dtype: "float32" (CPU default), "bfloat16", "float16" or "auto". device: "auto", "cpu", "cuda", "cuda:1"...
+    - batch_size: sequences per forward pass. max_length: longest sequence in tokens (longer pairs are cut).
+    - convert_dir: where GGUF conversions are kept (default ~/.cache/thresher/hf-from-gguf).
+    """
+
+    kind = "transformers"
+
+    def __init__(
+        self,
+        *,
+        model: str | os.PathLike[str] | None = None,
+        dtype: str = "float32",
+        device: str = "auto",
+        batch_size: int = 8,
+        max_length: int = 2048,
+        max_reasks: int = 2,
+        cache: bool | str | os.PathLike[str] | RequestCache = True,
+        progress: bool = False,
+        convert_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"Transformers: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if batch_size < 1 or max_length < 2:
+            raise ConfigError("Transformers: batch_size must be >= 1 and max_length >= 2")
+        self.model = model
+        self.dtype = dtype
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.max_reasks = max_reasks
+        self.cache = cache
+        self.progress = progress
+        self.convert_dir = convert_dir
+        self.usage = Usage()
+        self.model_: Any = None
+        self.tokenizer_: Any = None
+        self.device_: Any = None
+        self._cache: RequestCache | None = None
+        self._ident: dict[str, Any] | None = None
+
+    # ---- identity and loading -------------------------------------------------------------------
+
+    def _source(self) -> tuple[str, Path | None]:
+        """(name, local path) of the model; path None for a hub id."""
+        if self.model is None:
+            p = smollm2_gguf()
+            return p.name, p
+        p = Path(self.model).expanduser()
+        if p.exists():
+            return p.name, p
+        return str(self.model), None
+
+    def identity(self) -> dict[str, Any]:
+        if self._ident is None:
+            name, path = self._source()
+            self._ident = {
+                "kind": self.kind,
+                "model": name,
+                "digest": model_digest(path) if path is not None else None,
+                "dtype": self.dtype,
+            }
+        return self._ident
+
+    def __repr__(self) -> str:
+        return f"Transformers(model={str(self.model) if self.model else 'bundled SmolLM2-135M-Instruct'!r}, dtype={self.dtype!r}, device={self.device!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["model_"], state["tokenizer_"], state["device_"], state["_cache"] = None, None, None, None
+        return state
+
+    def model_dir(self) -> str:
+        """The directory (or hub id) transformers loads: GGUF files are converted once first."""
+        _, path = self._source()
+        if path is not None and path.is_file():
+            if path.suffix != ".gguf":
+                raise ConfigError(f"Transformers: model {path} is a file but not a .gguf; give a model directory")
+            return str(hf_dir_for_gguf(path, self.convert_dir))
+        return str(path) if path is not None else str(self.model)
+
+    def load(self) -> Transformers:
+        if self.model_ is not None:
+            return self
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as e:
+            raise ConfigError("Transformers needs torch and transformers: pip install 'thresher[hf]'") from e
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype: Any = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
+        src = self.model_dir()
+        try:
+            tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+            model: Any = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, **_dtype_kw(dtype))
+        except OSError as e:
+            raise BackendError(
+                f"Transformers: cannot load {src} (no downloads here; give a local directory): {e}"
+            ) from e
+        model.to(device)
+        model.eval()
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self.model_, self.tokenizer_, self.device_ = model, tok, torch.device(device)
+        self._open_cache()
+        return self
+
+    def close(self) -> None:
+        self.model_ = self.tokenizer_ = None
+
+    # ---- text helpers ---------------------------------------------------------------------------
+
+    def render(self, conversation: Sequence[Any], *, add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template writes it (the text `chat` feeds the model)."""
+        self.load()
+        tok = self.tokenizer_
+        if not getattr(tok, "chat_template", None):
+            raise ConfigError(f"Transformers: the tokenizer of {self.identity()['model']} has no chat template")
+        text: str = tok.apply_chat_template(
+            [dict(m) for m in conversation], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return text
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        ids: list[int] = self.tokenizer_(text, add_special_tokens=special)["input_ids"]
+        return ids
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def _generate(self, items: list[GenItem]) -> list[GenOut | Exception]:
+        import torch
+
+        tok, model = self.tokenizer_, self.model_
+        prompts = []
+        for it in items:
+            if it.messages is not None:
+                msgs = it.messages
+                if it.schema is not None:  # no grammar here: describe the schema; validation and re-asks follow
+                    from thresher.llms.structured import schema_instruction
+
+                    msgs = [
+                        *msgs[:-1],
+                        {**msgs[-1], "content": str(msgs[-1]["content"]) + schema_instruction(it.schema)},
+                    ]
+                prompts.append(self.render(msgs))
+            else:
+                prompts.append(it.prompt or "")
+        outs: list[GenOut | Exception] = [RuntimeError("not generated")] * len(items)
+        # items of one call share their sampling parameters except the seed; group by them anyway
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(repr(sorted((k, v) for k, v in it.sampling.items() if k != "seed")), []).append(i)
+        for idx in groups.values():
+            smp = dict(items[idx[0]].sampling)
+            max_new = int(smp.pop("max_tokens", 256))
+            temperature = smp.pop("temperature", None)
+            top_p = smp.pop("top_p", None)
+            stop = smp.pop("stop", None)
+            seed = smp.pop("seed", None)
+            kw: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": tok.pad_token_id}
+            if temperature is not None and temperature > 0:
+                kw.update(do_sample=True, temperature=float(temperature))
+                if top_p is not None:
+                    kw["top_p"] = float(top_p)
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if stop:
+                kw.update(stop_strings=[stop] if isinstance(stop, str) else list(stop), tokenizer=tok)
+            kw.update(smp)
+            order = sorted(idx, key=lambda i: len(prompts[i]))
+            for b in range(0, len(order), self.batch_size):
+                chunk = order[b : b + self.batch_size]
+                try:
+                    if seed is not None:
+                        torch.manual_seed(int(items[chunk[0]].sampling.get("seed", seed)))
+                    tok.padding_side = "left"
+                    enc = tok([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+                    enc = {k: v.to(self.device_) for k, v in enc.items()}
+                    with torch.inference_mode():
+                        gen = model.generate(**enc, **kw)
+                except Exception as e:
+                    for i in chunk:
+                        outs[i] = e
+                    continue
+                finally:
+                    tok.padding_side = "right"
+                width = enc["input_ids"].shape[1]
+                eos = set(_as_list(model.generation_config.eos_token_id) + _as_list(tok.eos_token_id))
+                for row, i in enumerate(chunk):
+                    new = gen[row, width:].tolist()
+                    while new and new[-1] == tok.pad_token_id and tok.pad_token_id not in eos:
+                        new.pop()
+                    ended = bool(new) and new[-1] in eos
+                    n_new = len(new)
+                    if ended:
+                        new = new[:-1]
+                    text = tok.decode(new, skip_special_tokens=True)
+                    finish = "stop" if ended or n_new < max_new else "length"
+                    n_prompt = int(enc["attention_mask"][row].sum())
+                    outs[i] = GenOut(text, finish, n_prompt, n_new)
+        return outs
+
+    # ---- log-probabilities ----------------------------------------------------------------------
+
+    def logprobs(
+        self,
+        prefixes: Sequence[str],
+        continuations: Sequence[str],
+        *,
+        max_continuation_tokens: int | None = None,
+    ) -> list[TokenLogprobs]:
+        """Per-token log-probabilities (natural log, float32 precision) of each continuation given its prefix.
+
+        The prefix is tokenized with the tokenizer's special tokens, the continuation without. Pairs longer than
+        `max_length` lose continuation tokens from the end (`truncated=True`); `max_continuation_tokens` cuts
+        every continuation to that many tokens first (IFD's answer budget, the same in both passes). With an empty
+        prefix the first continuation token is predicted from the BOS token when the tokenizer adds one; otherwise
+        it gets no log-probability.
+        """
+        if len(prefixes) != len(continuations):
+            raise ConfigError(f"logprobs: {len(prefixes)} prefixes but {len(continuations)} continuations")
+        self.load()
+        ident = self.identity()
+        keys = [
+            request_key("logprobs", ident, p, c, max_continuation_tokens, self.max_length)
+            for p, c in zip(prefixes, continuations, strict=True)
+        ]
+        cache = self._cache
+        found = cache.get_many(keys) if cache is not None else {}
+        out: list[TokenLogprobs | None] = [None] * len(keys)
+        for i, k in enumerate(keys):
+            if k in found:
+                out[i] = _unpack(found[k])
+        self.usage.cache_hits += sum(o is not None for o in out)
+        todo = [i for i, o in enumerate(out) if o is None]
+        self.usage.cache_misses += len(todo)
+        if todo:
+            rows = []
+            for i in todo:
+                pre = self._ids(prefixes[i], True)
+                cont = self._ids(continuations[i], False)
+                truncated = False
+                if max_continuation_tokens is not None and len(cont) > max_continuation_tokens:
+                    cont, truncated = cont[:max_continuation_tokens], True
+                room = self.max_length - len(pre)
+                if room < len(cont):
+                    if room < 1:
+                        raise BackendError(
+                            f"logprobs: pair {i}: the prefix alone has {len(pre)} tokens, max_length is {self.max_length}"
+                        )
+                    cont, truncated = cont[:room], True
+                rows.append((i, pre, cont, truncated))
+            self._score(rows, out)
+            if cache is not None:
+                for i in todo:
+                    o = out[i]
+                    assert o is not None
+                    cache.put(keys[i], _pack(o), kind="logprobs", model=str(ident["model"]))
+                cache.flush()
+        convert = self.tokenizer_.convert_ids_to_tokens
+        result = []
+        for o in out:
+            assert o is not None
+            if not o.tokens:
+                o.tokens = list(convert(o.token_ids))
+            result.append(o)
+        return result
+
+    def _score(self, rows: list[tuple[int, list[int], list[int], bool]], out: list[TokenLogprobs | None]) -> None:
+        import torch
+
+        rows = sorted(rows, key=lambda r: len(r[1]) + len(r[2]))
+        pad = self.tokenizer_.pad_token_id
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(rows), desc="logprobs", unit="pair")
+        for b in range(0, len(rows), self.batch_size):
+            chunk = rows[b : b + self.batch_size]
+            seqs = [pre + cont for _, pre, cont, _ in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[r, : len(s)] = 1
+            ids, mask = ids.to(self.device_), mask.to(self.device_)
+            with torch.inference_mode():
+                hidden = self._hidden(ids, mask)
+                for r, (i, pre, cont, truncated) in enumerate(chunk):
+                    # position t predicts token t+1: continuation tokens sit at len(pre) .. len(pre)+len(cont)-1
+                    start = max(len(pre) - 1, 0)
+                    targets = cont if len(pre) > 0 else cont[1:]
+                    if not targets:
+                        out[i] = TokenLogprobs(list(cont), [], truncated=truncated)
+                        continue
+                    pos = torch.arange(start, start + len(targets), device=self.device_)
+                    logits = self._logits(hidden[r, pos])
+                    lp = torch.log_softmax(logits.float(), dim=-1)
+                    tgt = torch.tensor(targets, device=self.device_)
+                    vals = lp.gather(1, tgt[:, None])[:, 0].cpu().tolist()
+                    out[i] = TokenLogprobs(list(targets), vals, truncated=truncated)
+            self.usage.requests += 1
+            self.usage.prompt_tokens += int(mask.sum())
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+
+    def _hidden(self, ids: Any, mask: Any) -> Any:
+        """Final hidden states (B, T, H), or full logits when the model has no separable output layer."""
+        model = self.model_
+        base = getattr(model, "base_model", None)
+        head = model.get_output_embeddings()
+        if base is not None and base is not model and head is not None:
+            self._full_logits = False
+            return base(input_ids=ids, attention_mask=mask).last_hidden_state
+        self._full_logits = True
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    def _logits(self, hidden: Any) -> Any:
+        if self._full_logits:
+            return hidden
+        model = self.model_
+        logits = model.get_output_embeddings()(hidden)
+        cfg = model.config
+        scale = getattr(cfg, "logit_scale", None)
+        if scale:
+            logits = logits * scale
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap:
+            import torch
+
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> list[dict[str, float]]:
+        """For each prompt (already rendered text), the log-probability that the next token is each candidate's
+        first token — e.g. the digits "1".."6" for DEITA expected scores."""
+        self.load()
+        cand_ids = {}
+        for c in candidates:
+            ids = self._ids(c, False)
+            if not ids:
+                raise ConfigError(f"next_token_logprobs: candidate {c!r} has no tokens")
+            cand_ids[c] = ids[0]
+        import torch
+
+        out: list[dict[str, float]] = []
+        seqs = [self._ids(p, True) for p in prompts]
+        for s in seqs:
+            if len(s) > self.max_length:
+                raise BackendError(
+                    f"next_token_logprobs: a prompt has {len(s)} tokens, max_length is {self.max_length}"
+                )
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        res: list[dict[str, float] | None] = [None] * len(seqs)
+        pad = self.tokenizer_.pad_token_id
+        for b in range(0, len(order), self.batch_size):
+            chunk = order[b : b + self.batch_size]
+            width = max(len(seqs[i]) for i in chunk)
+            batch = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                batch[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[r, : len(seqs[i])] = 1
+            with torch.inference_mode():
+                hidden = self._hidden(batch.to(self.device_), mask.to(self.device_))
+                for r, i in enumerate(chunk):
+                    lp = torch.log_softmax(self._logits(hidden[r, len(seqs[i]) - 1][None]).float(), dim=-1)[0]
+                    res[i] = {c: float(lp[t]) for c, t in cand_ids.items()}
+            self.usage.requests += 1
+        for d in res:
+            assert d is not None
+            out.append(d)
+        return out
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def _pack(t: TokenLogprobs) -> bytes:
+    import numpy as np
+
+    n = len(t.logprobs)
+    ids = np.asarray(t.token_ids[-n:] if n else [], dtype=np.int32)
+    return (
+        struct.pack("<BI", 1 if t.truncated else 0, n)
+        + ids.tobytes()
+        + np.asarray(t.logprobs, dtype=np.float32).tobytes()
+    )
+
+
+def _unpack(blob: bytes) -> TokenLogprobs:
+    import numpy as np
+
+    truncated, n = struct.unpack_from("<BI", blob)
+    off = struct.calcsize("<BI")
+    ids = np.frombuffer(blob, dtype=np.int32, count=n, offset=off).tolist()
+    lps = np.frombuffer(blob, dtype=np.float32, count=n, offset=off + 4 * n).tolist()
+    return TokenLogprobs(ids, lps, truncated=bool(truncated))

@@ -1,0 +1,118 @@
+"""Fixtures for backend tests: real servers on 127.0.0.1 and the converted transformers model.
+
+- `fault_server` (session) / `fault` (per test: stats reset, faults cleared): the fault-injecting OpenAI-compatible
+  server of `thresher.llms.testing`, in its own process.
+- `llama_server` (session): llama-cpp-python's real OpenAI-compatible server running the bundled SmolLM2 GGUF.
+- `smol_hf_dir` (session): the bundled GGUF converted once to a transformers directory (kept under
+  ~/.cache/thresher, so only the first session on a machine pays the 20-40 s conversion).
+- `isolated_cache` (autouse where imported): every test gets its own request-cache file.
+
+Test modules take them all with `from llm_servers import *` (a star import keeps linters from reading each
+fixture argument as a redefinition of an imported name).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from thresher.llms.testing import FaultConfig, FaultServer
+
+__all__ = ["fault", "fault_server", "free_port", "isolated_cache", "llama_server", "smol_hf_dir"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def fault_server() -> Iterator[FaultServer]:
+    with FaultServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fault(fault_server: FaultServer) -> FaultServer:
+    """The session's fault server with default settings and zeroed counters."""
+    defaults = FaultConfig()
+    fault_server.configure(**{k: getattr(defaults, k) for k in defaults.__dataclass_fields__})
+    fault_server.reset()
+    return fault_server
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "requests.sqlite"
+    monkeypatch.setenv("THRESHER_CACHE", str(path))
+    monkeypatch.delenv("THRESHER_NO_CACHE", raising=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """base_url of llama-cpp-python's OpenAI-compatible server running the bundled model."""
+    pytest.importorskip("llama_cpp")
+    from thresher.llms.bundled import smollm2_gguf
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(smollm2_gguf()),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", "2048",
+        # one thread each: llama.cpp's spinning threads crawl when other work shares the 2 cores
+        "--n_threads", "1", "--n_threads_batch", "1",
+    ]  # fmt: skip
+    # the server's log goes to a file: llama.cpp's load report alone would fill a pipe and block the server
+    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed in finally)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama_cpp.server did not answer /v1/models within 90 s")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def smol_hf_dir() -> Path:
+    """The bundled SmolLM2 GGUF as a transformers directory (converted once per machine)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from thresher.llms.bundled import smollm2_gguf
+    from thresher.llms.hf import hf_dir_for_gguf
+
+    return hf_dir_for_gguf(smollm2_gguf())
