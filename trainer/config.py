@@ -182,7 +182,8 @@ class TrainConfig(BaseModel):
     # --- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML file; relative paths in it stay relative to the current directory, like the CLI's."""
+        """Read a YAML file. Input paths (dataset, eval_dataset, a local model) are relative to the file, as in
+        pipeline recipes; `output_dir` stays relative to the current directory, like `thresher run --out`."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())
@@ -192,6 +193,13 @@ class TrainConfig(BaseModel):
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
+        base = path.resolve().parent
+        for key in ("dataset", "eval_dataset", "model"):
+            value = data.get(key)
+            if isinstance(value, str) and ":" not in value and not Path(value).is_absolute():
+                candidate = base / value
+                if key != "model" or candidate.exists():  # a model may also be a name the cache resolves
+                    data[key] = str(candidate.resolve())
         return load_config(data, source=str(path))
 
     def semantic_diff(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
