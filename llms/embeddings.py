@@ -219,7 +219,7 @@ class OpenAIEmbeddings(_CachedEmbedder):
         retry_max_delay: float = 30.0,
         prices: Mapping[str, float] | None = None,
         cache: bool | str | os.PathLike[str] | RequestCache = True,
-        transport: str = "lean",
+        transport: str = "auto",
     ) -> None:
         self.model = model
         self.base_url = base_url

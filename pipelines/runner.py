@@ -43,19 +43,21 @@ from thresher.pipelines.step import Filter, RowStep, Step
 
 MANIFEST = "manifest.json"
 DONE = "_done.json"
+METRICS = "_metrics.json"  # a row step's metrics as of its last committed batch, carried over a resume
 SIDES = ("output", "rejected", "failed")
 
 
 # ---- small file helpers ---------------------------------------------------------------------------
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
-        os.fsync(fh.fileno())
+        if fsync:
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -234,6 +236,20 @@ class RunResult:
 # ---- the runner -----------------------------------------------------------------------------------
 
 
+def merge_metrics(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """Add the numbers of two attempts at one step (requests, tokens, cost); other values: the latest wins."""
+    out = dict(before)
+    for k, v in now.items():
+        b = out.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(b, (int, float)):
+            out[k] = b + v
+        elif isinstance(v, dict) and isinstance(b, dict):
+            out[k] = merge_metrics(b, v)
+        else:
+            out[k] = v
+    return out
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
@@ -255,6 +271,7 @@ class Runner:
         self.fresh = fresh
         self.progress = progress
         self.records: dict[str, StepRecord] = {}
+        self._prior_metrics: dict[str, dict[str, Any]] = {}
         self.started = time.time()
 
     # manifest ----------------------------------------------------------------------------------
@@ -322,7 +339,7 @@ class Runner:
                     raise
                 raise StepError(f"step {node.name!r} ({type(node.step).__name__}) failed: {e}") from e
             rec.seconds = time.perf_counter() - t0
-            rec.metrics = _jsonable(node.step.metrics())
+            rec.metrics = _jsonable(merge_metrics(self._prior_metrics.pop(node.name, {}), node.step.metrics()))
             verify_accounting(
                 node.step, node.name, rec.rows_in or 0, rec.rows_out or 0, rec.rows_rejected or 0, rec.rows_failed or 0
             )
@@ -362,13 +379,17 @@ class Runner:
                 if _shard_range(shard)[1] > offset:
                     shard.unlink()
         rec.resumed_from_row = offset or None
+        # usage and cost of the attempts before a crash, as of their last committed batch
+        prior = json.loads((step_dir / METRICS).read_text()) if offset and (step_dir / METRICS).exists() else {}
+        self._prior_metrics[name] = prior
         bs = max(1, int(getattr(step, "batch_size", 1024) or 1024))
         bar = _progress(total, name, offset, self.progress)
         start = offset
         with _ShardWriter(step_dir) as writer:  # writes batch i while the step computes batch i+1
             for batch in _prefetch(iter_batches(src, bs, skip=offset)):
                 end = start + batch.num_rows
-                writer.put(start, end, apply_row_step(step, name, batch))
+                out = apply_row_step(step, name, batch)
+                writer.put(start, end, out, merge_metrics(prior, step.metrics()))
                 start = end
                 bar.update(batch.num_rows)
         bar.close()
@@ -458,7 +479,7 @@ class _ShardWriter:
 
     def __init__(self, step_dir: Path) -> None:
         self.step_dir = step_dir
-        self.queue: queue.Queue[tuple[int, int, BatchOutput] | None] = queue.Queue(maxsize=2)
+        self.queue: queue.Queue[tuple[int, int, BatchOutput, dict[str, Any]] | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="thresher-shard-writer", daemon=True)
 
@@ -470,14 +491,17 @@ class _ShardWriter:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    commit_batch(self.step_dir, *item)
+                    start, end, out, metrics = item
+                    if metrics:  # before the shard: a crash may over-count one batch's usage, never under-count
+                        atomic_write_text(self.step_dir / METRICS, json.dumps(_jsonable(metrics)), fsync=False)
+                    commit_batch(self.step_dir, start, end, out)
                 except BaseException as e:  # surfaced to the caller on its next put() or at exit
                     self.error = e
 
-    def put(self, start: int, end: int, out: BatchOutput) -> None:
+    def put(self, start: int, end: int, out: BatchOutput, metrics: dict[str, Any]) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((start, end, out))
+        self.queue.put((start, end, out, metrics))
 
     def __exit__(self, *exc: object) -> None:
         self.queue.put(None)

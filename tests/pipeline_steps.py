@@ -59,11 +59,16 @@ class Square(RowStep):
     def __init__(self, *, offset: int = 0, sleep: float = runtime(0.0), batch_size: int = runtime(10),
                  counter_dir: str | None = runtime(None)):
         self.offset, self.sleep, self.batch_size, self.counter_dir = offset, sleep, batch_size, counter_dir
+        self.rows_done_ = 0
+
+    def metrics(self) -> dict[str, Any]:
+        return {"rows_processed": self.rows_done_, "model": "arithmetic"}
 
     def map_batch(self, batch: pa.Table) -> dict[str, Any]:
         if self.sleep:
             time.sleep(self.sleep)
         bump(self.counter_dir, "square", batch.num_rows)
+        self.rows_done_ += batch.num_rows
         nums = [int(s.split()[1]) for s in batch.column("instruction").to_pylist()]
         return {"square": [x * x + self.offset for x in nums]}
 

@@ -211,6 +211,9 @@ def test_sigkill_mid_step_then_resume_gives_same_output(tmp_path: Path) -> None:
     assert resumed.table("even_only").equals(reference.table("even_only"))
     assert resumed.rejected("even_only").equals(reference.rejected("even_only"))
     assert resumed.table("square").equals(reference.table("square"))
+    # usage-like metrics add up over the killed attempt and the resumed one (at most one batch counted twice)
+    metrics = json.loads((run_dir / "manifest.json").read_text())["steps"]["square"]["metrics"]
+    assert 100 <= metrics["rows_processed"] <= 110 and metrics["model"] == "arithmetic"
 
 
 def test_one_runner_per_run_directory(tmp_path: Path) -> None:
