@@ -126,6 +126,11 @@ class Respond(RowStep):
             if callable(load):
                 load()
 
+    def batches_in_flight(self) -> int:
+        # A remote server: two batches at once keep its request window full across batch boundaries (the
+        # backend's max_concurrency still bounds requests in flight). In-process models answer one at a time.
+        return 2 if getattr(self.backend_, "kind", None) == "openai" else 1
+
     def map_batch(self, batch: pa.Table) -> dict[str, Any]:
         self.load()
         n = batch.num_rows

@@ -9,7 +9,9 @@ and `failed_by`/`error`, checks declared columns, and balances in = out + reject
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +182,34 @@ def apply_row_step(step: Step, name: str, batch: pa.Table) -> BatchOutput:
     raise PipelineError(f"step {name!r} ({type(step).__name__}) is not a row step")
 
 
+def map_batches(step: Step, name: str, batches: Iterable[pa.Table]) -> Iterator[tuple[pa.Table, BatchOutput]]:
+    """Each batch through a row step, results in input order.
+
+    A step whose `batches_in_flight()` is k > 1 (a remote-model step) gets up to k batches at once on worker
+    threads: its backend then sees one window of requests across batch boundaries instead of draining to zero at
+    the end of every batch, where the slowest request of each batch would hold up the whole step.
+    """
+    k = max(1, int(step.batches_in_flight())) if isinstance(step, RowStep) else 1
+    if k == 1:
+        for batch in batches:
+            yield batch, apply_row_step(step, name, batch)
+        return
+    with ThreadPoolExecutor(max_workers=k, thread_name_prefix=f"thresher-{name}") as pool:
+        pending: deque[tuple[pa.Table, Future[BatchOutput]]] = deque()
+        try:
+            for batch in batches:
+                pending.append((batch, pool.submit(apply_row_step, step, name, batch)))
+                while len(pending) >= k:
+                    done, fut = pending.popleft()
+                    yield done, fut.result()
+            while pending:
+                done, fut = pending.popleft()
+                yield done, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
 def concat(tables: Iterable[pa.Table | None], empty_like: pa.Schema | None = None) -> pa.Table:
     parts = [t for t in tables if t is not None]
     if not parts:
@@ -196,7 +226,8 @@ def run_on_tables(step: Step, name: str, tables: list[pa.Table]) -> BatchOutput:
     if isinstance(step, (Filter, RowStep)):
         table = tables[0]
         bs = max(1, int(getattr(step, "batch_size", 1024) or 1024))
-        outs = [apply_row_step(step, name, table.slice(i, bs)) for i in range(0, table.num_rows, bs)]
+        slices = (table.slice(i, bs) for i in range(0, table.num_rows, bs))
+        outs = [out for _, out in map_batches(step, name, slices)]
         if not outs:
             outs = [apply_row_step(step, name, table)]
         return BatchOutput(

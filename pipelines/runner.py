@@ -34,8 +34,8 @@ from thresher.errors import PipelineError, StepError, ThresherError
 from thresher.pipelines.dag import Pipeline
 from thresher.pipelines.execute import (
     BatchOutput,
-    apply_row_step,
     check_columns,
+    map_batches,
     run_on_tables,
     verify_accounting,
 )
@@ -386,9 +386,8 @@ class Runner:
         bar = _progress(total, name, offset, self.progress)
         start = offset
         with _ShardWriter(step_dir) as writer:  # writes batch i while the step computes batch i+1
-            for batch in _prefetch(iter_batches(src, bs, skip=offset)):
+            for batch, out in map_batches(step, name, _prefetch(iter_batches(src, bs, skip=offset))):
                 end = start + batch.num_rows
-                out = apply_row_step(step, name, batch)
                 writer.put(start, end, out, merge_metrics(prior, step.metrics()))
                 start = end
                 bar.update(batch.num_rows)

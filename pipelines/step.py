@@ -247,6 +247,15 @@ class RowStep(Step):
         """Return {column: values aligned with the batch}; an `error` column marks failed rows."""
         raise NotImplementedError
 
+    def batches_in_flight(self) -> int:
+        """How many batches the engine may hand to `map_batch` at once, from worker threads (called after `load`).
+
+        1 (the default) for local computation. A step that waits on a remote model returns more, so the backend
+        keeps its window of requests full across batch boundaries; its `map_batch` must then be thread-safe.
+        Outputs are still committed in order.
+        """
+        return 1
+
 
 class Filter(Step):
     """A row step that keeps some rows and says why it removed the others."""

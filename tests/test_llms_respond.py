@@ -21,6 +21,7 @@ from thresher.errors import ConfigError
 from thresher.generators import Respond, row_messages
 from thresher.llms import LlamaCpp, OpenAICompatible, make_backend
 from thresher.llms.testing import FaultServer
+from thresher.pipelines import Generator
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 REPO = Path(__file__).resolve().parent.parent
@@ -213,3 +214,35 @@ def test_respond_with_the_embedded_default() -> None:
     res = Respond(max_tokens=4, temperature=0.0).apply(pa.table({"instruction": ["Name a colour.", "Say hi."]}))
     assert res.rows_out == 2 and all(res.output.column("output").to_pylist())
     assert res.metrics["requests"] == 2
+
+
+def test_request_window_stays_full_across_batch_boundaries(fault: FaultServer, tmp_path: Path) -> None:
+    """A step of many batches keeps max_concurrency requests in flight, not one batch's worth that drains to zero
+    at every batch end: with 16 rows per batch and a window of 24, the server must see 24 at once."""
+    from thresher.pipelines import Pipeline
+
+    fault.configure(latency=0.15)
+    n, bs, window = 192, 16, 24
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "instruction": [f"question {i}" for i in range(n)]})
+    pipe = Pipeline()
+    src = pipe.add(_Rows(rows=table.to_pylist()), name="rows")
+    pipe.add(Respond(backend=spec(fault, max_concurrency=window), max_tokens=8, batch_size=bs), name="answer",
+             after=[src])
+    t0 = time.perf_counter()
+    result = pipe.run(tmp_path / "run", progress=False)
+    wall = time.perf_counter() - t0
+    st = fault.stats()
+    assert st["peak_in_flight"] == window  # more than one batch (16) in flight, never more than the window
+    assert result.table("answer").column("output").to_pylist() == [f"reply to: question {i}" for i in range(n)]
+    # batch after batch would take 12 batches x 0.15 s = 1.8 s; a full window needs 192 / 24 x 0.15 s = 1.2 s
+    assert wall < 1.7, wall
+
+
+class _Rows(Generator):
+    outputs = ("id", "instruction")
+
+    def __init__(self, *, rows: list[dict[str, str]]):
+        self.rows = rows
+
+    def generate(self, tables: list[pa.Table]) -> pa.Table:
+        return pa.Table.from_pylist(self.rows)
