@@ -324,7 +324,7 @@ class OpenAISDKTransport:
         http_client = mod.AsyncClient(
             limits=mod.Limits(max_connections=self._max_connections, max_keepalive_connections=self._max_connections),
             timeout=mod.Timeout(self._timeout, connect=min(self._timeout, 30.0)),
-            trust_env=False,
+            trust_env=True,  # hosted APIs behind a corporate proxy: honour HTTPS_PROXY / NO_PROXY like the SDK does
         )
         # a local server needs no key, but the SDK insists on one: send a placeholder that names itself
         return openai.AsyncOpenAI(
