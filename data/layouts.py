@@ -691,18 +691,68 @@ def first_type_conflict(values: Sequence[Any]) -> int | None:
 
 
 class TypeConflict(Exception):
-    """An extra column value whose type clashes with the values before it in the same column."""
+    """Extra column values whose type clashes with the rest of the column: {row: reason} for each of them."""
 
-    def __init__(self, row: int, column: str, reason: str) -> None:
-        super().__init__(reason)
-        self.row, self.column, self.reason = row, column, reason
+    def __init__(self, rows: dict[int, str], column: str) -> None:
+        super().__init__(next(iter(rows.values())))
+        self.rows, self.column = rows, column
+
+
+def _kind(value: Any) -> str:
+    """The JSON kind of a value, as Arrow sees it: ints and floats share a column, strings and numbers do not."""
+    if isinstance(value, bool):
+        return "booleans"
+    if isinstance(value, (int, float)):
+        return "numbers"
+    if isinstance(value, str):
+        return "strings"
+    if isinstance(value, (list, tuple)):
+        return "lists"
+    if isinstance(value, dict):
+        return "objects"
+    return type(value).__name__
+
+
+def _type_conflict(name: str, vals: Sequence[Any], keep: Sequence[int], bad_at: int) -> TypeConflict:
+    """The rows to blame for a column Arrow cannot store: those whose kind differs from most of the column's.
+
+    Blaming the first value that does not fit with the ones before it would, when the odd one out comes first
+    (one string score before a thousand numbers), mark every other row bad and keep the odd one.
+    """
+    kinds: dict[str, list[int]] = {}
+    for j, v in enumerate(vals):
+        if v is not None:
+            kinds.setdefault(_kind(v), []).append(j)
+    if len(kinds) > 1:
+        # most rows win; on a tie, the kind seen first
+        major = max(kinds, key=lambda k: (len(kinds[k]), -kinds[k][0]))
+        like = describe(vals[kinds[major][0]])
+        return TypeConflict(
+            {
+                keep[j]: f"holds {describe(vals[j])}, which does not fit in one column with the other values "
+                f"(most are {major}, like {like})"
+                for k, rows in kinds.items()
+                if k != major
+                for j in rows
+            },
+            name,
+        )
+    # one kind, but nested values that clash (a list of numbers beside a list of strings): blame the first
+    first = next((v for v in vals if v is not None), None)
+    return TypeConflict(
+        {
+            keep[bad_at]: f"holds {describe(vals[bad_at])}, which does not fit in one column with the earlier values "
+            f"(like {describe(first)})"
+        },
+        name,
+    )
 
 
 def build_table(canon: CanonicalColumns, keep: Sequence[int]) -> pa.Table:
     """The Arrow table of the kept rows: canonical columns first (RECORD_SCHEMA types), extras after.
 
-    Raises TypeConflict for the first extra value Arrow cannot store with the column's earlier values; the caller
-    marks that row bad and builds again without it.
+    Raises TypeConflict naming the extra values Arrow cannot store with the rest of their column; the caller marks
+    those rows bad and builds again without them.
     """
     n = len(canon.columns["id"])
     full = len(keep) == n
@@ -721,13 +771,7 @@ def build_table(canon: CanonicalColumns, keep: Sequence[int]) -> pa.Table:
             vals = col if full else [col[i] for i in keep]
             bad_at = first_type_conflict(vals)
             if bad_at is not None:
-                first = next((v for v in vals if v is not None), None)
-                raise TypeConflict(
-                    keep[bad_at],
-                    name,
-                    f"holds {describe(vals[bad_at])}, which does not fit in one column with the earlier values "
-                    f"(like {describe(first)})",
-                )
+                raise _type_conflict(name, vals, keep, bad_at)
             arrays.append(pa.array(vals))
         else:
             arrays.append(col if idx is None else col.take(idx))

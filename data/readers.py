@@ -195,7 +195,8 @@ def _finish(
         try:
             table = build_table(canon, keep)
         except TypeConflict as e:
-            bad[e.row] = Problem(e.column, e.reason)
+            for row, reason in e.rows.items():
+                bad[row] = Problem(e.column, reason)
     if canon.dropped_message_keys:
         log.warning(
             "%s: message keys %s are not part of the record and were not kept",

@@ -65,6 +65,13 @@ class Load(Generator):
         if not Path(self.path).exists():
             raise ConfigError(f"Load: path {os.fspath(self.path)!r} does not exist")
 
+    def semantic_params(self) -> dict[str, Any]:
+        # the file counts by its name and content (fingerprint_extra), not by the folder it lies in: recipes make
+        # paths absolute, and a moved project or a run directory copied to another machine must not re-run every step
+        params = super().semantic_params()
+        params.pop("path", None)
+        return params
+
     def fingerprint_extra(self) -> dict[str, Any]:
         # the file's content, not just its name: an edited file re-runs the load and everything downstream
         p = Path(self.path)

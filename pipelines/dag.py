@@ -118,6 +118,8 @@ class Pipeline:
                 merged = Pipeline.merge([out, t])
                 for root in (n for n in t.nodes.values() if not n.parents):
                     node = merged.nodes[merged._name_of(root.step) or root.name]
+                    if node.name in parents:
+                        continue  # `a >> b` with b starting at a's last step: already joined there, not a cycle
                     node.parents = [*parents, *(p for p in node.parents if p not in parents)]
                 merged._reorder()
                 out = merged

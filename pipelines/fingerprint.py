@@ -38,7 +38,8 @@ def _canonical(value: Any, where: str) -> Any:
     if isinstance(value, enum.Enum):
         return {"__enum__": f"{type(value).__qualname__}.{value.name}"}
     if isinstance(value, os.PathLike):
-        return {"__path__": os.fspath(value)}
+        # as its text: Path("a.json") and "a.json" name the same file, and YAML recipes only ever hold strings
+        return _canonical(os.fspath(value), where)
     if isinstance(value, Mapping):
         out = {}
         for k in value:

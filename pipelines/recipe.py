@@ -56,16 +56,29 @@ class Recipe(BaseModel):
 # ---- locating keys in the YAML text ---------------------------------------------------------------
 
 
-def _yaml_lines(text: str) -> dict[tuple[Any, ...], int]:
-    """Map each key path (('steps', 'stats', 'params', 'min_chars'), ...) to its 1-based line."""
+def _yaml_lines(text: str, source: str = "<recipe>") -> dict[tuple[Any, ...], int]:
+    """Map each key path (('steps', 'stats', 'params', 'min_chars'), ...) to its 1-based line.
+
+    A key given twice in one mapping is a ConfigError: YAML loaders keep the last one silently, which would drop a
+    whole step whose name was copied and not changed.
+    """
     lines: dict[tuple[Any, ...], int] = {}
 
     def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in node.value:
                 key = k.value if isinstance(k, yaml.ScalarNode) else str(k)
-                lines[(*path, key)] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if key in seen:
+                    loc = ".".join(str(p) for p in (*path, key))
+                    raise ConfigError(
+                        f"{source}:{line} {loc}: duplicate key {key!r} (first at line {seen[key]}); "
+                        "give each key once (rename a copied step)"
+                    )
+                seen[key] = line
+                lines[(*path, key)] = line
                 walk(v, (*path, key))
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
@@ -165,7 +178,7 @@ def recipe_from_text(text: str, *, source: str = "<recipe>", base_dir: Path | No
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from e
-    lines = _yaml_lines(text)
+    lines = _yaml_lines(text, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a mapping with `steps:`; got {type(data).__name__}")
     try:

@@ -34,6 +34,7 @@ from thresher.errors import PipelineError, StepError, ThresherError
 from thresher.pipelines.dag import Pipeline
 from thresher.pipelines.execute import (
     BatchOutput,
+    apply_row_step,
     check_columns,
     map_batches,
     run_on_tables,
@@ -146,6 +147,28 @@ def iter_batches(folder: Path, batch_size: int, skip: int = 0) -> Iterator[pa.Ta
                 pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
     if n_pending:
         yield pa.concat_tables(pending)
+
+
+def _check_batch_schema(name: str, before: pa.Schema | None, batch: pa.Schema, start: int, end: int) -> pa.Schema:
+    """The schema of the committed batches plus this one; StepError naming the column when they cannot unify."""
+    if before is None:
+        return batch
+    try:
+        return pa.unify_schemas([before, batch], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        clashes = []
+        for f in batch:
+            i = before.get_field_index(f.name)
+            if i < 0:
+                continue
+            try:
+                pa.unify_schemas([pa.schema([before.field(i)]), pa.schema([f])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                clashes.append(f"{f.name!r} is {f.type} here but {before.field(i).type} in the batches before")
+        raise StepError(
+            f"step {name!r}: the output of rows [{start}, {end}) does not fit the batches before it: "
+            f"{'; '.join(clashes) or e}. A step must return one type per column in every batch"
+        ) from e
 
 
 def _count_rows(folder: Path) -> int:
@@ -385,9 +408,13 @@ class Runner:
         bs = max(1, int(getattr(step, "batch_size", 1024) or 1024))
         bar = _progress(total, name, offset, self.progress)
         start = offset
+        schema = _unified_schema(list_shards(step_dir / "output"))
         with _ShardWriter(step_dir) as writer:  # writes batch i while the step computes batch i+1
             for batch, out in map_batches(step, name, _prefetch(iter_batches(src, bs, skip=offset))):
                 end = start + batch.num_rows
+                # a batch whose columns cannot share a type with the batches before it fails the step here, before
+                # it is committed: once the step is done, every later read of its shards would fail instead
+                schema = _check_batch_schema(name, schema, out.output.schema, start, end)
                 writer.put(start, end, out, merge_metrics(prior, step.metrics()))
                 start = end
                 bar.update(batch.num_rows)
@@ -395,7 +422,9 @@ class Runner:
         if start == 0 and not list_shards(step_dir / "output"):  # empty input: still leave a (empty) output
             schema = _unified_schema(list_shards(src))
             empty = schema.empty_table() if schema is not None else pa.table({})
-            atomic_write_parquet(empty, step_dir / "output" / shard_name(0, 0))
+            # through the step, as in memory: the output must have the columns it adds, or a step downstream that
+            # reads them (a dedup on a score) fails on a run where an upstream filter rejected every row
+            commit_batch(step_dir, 0, 0, apply_row_step(step, name, empty))
         rec.rows_in = total
         rec.rows_out = _count_rows(step_dir / "output")
         rec.rows_rejected = _count_rows(step_dir / "rejected")

@@ -28,7 +28,12 @@ def as_table(data: Any) -> pa.Table:
     if isinstance(data, list):
         if not data:
             return pa.table({})
-        return pa.Table.from_pylist(data)
+        # not Table.from_pylist: it takes the columns from the first row only and silently drops keys that
+        # appear later (a score only some rows have)
+        keys: dict[str, None] = {}
+        for row in data:
+            keys.update(dict.fromkeys(row))
+        return pa.table({k: [row.get(k) for row in data] for k in keys})
     raise TypeError(
         f"cannot use a {type(data).__name__} as a dataset; pass a pyarrow Table, a datasets.Dataset, "
         "a pandas DataFrame, a dict of columns or a list of dicts"

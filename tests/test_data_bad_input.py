@@ -311,3 +311,16 @@ def test_empty_files_bom_and_limit(tmp_path: Path) -> None:
                                                                                            "Task 2"]
     pq.write_table(read_records(tmp_path / "ten.jsonl"), tmp_path / "ten.parquet")
     assert read_records(tmp_path / "ten.parquet", limit=4).num_rows == 4
+
+
+def test_type_clash_blames_the_odd_row_out_not_the_many(tmp_path: Path) -> None:
+    # one early row with a string score among hundreds of numbers: that row is the bad one, not all the others
+    rows: list[dict[str, Any]] = [{"instruction": f"q{i}", "score": i} for i in range(300)]
+    rows[0]["score"] = "high"
+    path = tmp_path / "mix.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    with pytest.raises(RecordError, match=r"line 1, field 'score': holds a string \('high'\)"):
+        read_records(path)
+    report = read_records_report(path, on_bad_record="skip")
+    assert (report.kept, report.skipped) == (299, 1)
+    assert report.table.column("score").to_pylist() == list(range(1, 300))

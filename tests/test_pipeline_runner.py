@@ -16,7 +16,7 @@ import pytest
 
 from thresher.errors import AccountingError, PipelineError, StepError
 from thresher.filters import LengthFilter
-from thresher.pipelines import Pipeline, RowStep
+from thresher.pipelines import Pipeline, RowStep, runtime
 from thresher.pipelines.runner import list_shards
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -224,3 +224,36 @@ def test_one_runner_per_run_directory(tmp_path: Path) -> None:
         three_steps(tmp_path).run(tmp_path / "run", progress=False)
     # once released, the directory is usable again
     assert three_steps(tmp_path).run(tmp_path / "run", progress=False).executed
+
+
+def test_row_step_on_empty_input_still_has_its_columns(tmp_path: Path) -> None:
+    from thresher.filters import ExactDedup
+
+    # an upstream filter that rejects every row: the steps after it see no rows, but their columns must exist
+    pipe = Numbers(n=5) >> LengthFilter(min_chars=1000) >> Square() >> ExactDedup(fields=["square"])
+    res = pipe.run(tmp_path / "run", progress=False)
+    assert res.table("square").num_rows == 0
+    assert "square" in res.table("square").column_names
+    assert res.table("exact_dedup").num_rows == 0
+    assert Square().apply(pa.table({"instruction": pa.array([], pa.string())})).output.column_names == [
+        "instruction", "square"
+    ]
+
+
+def test_batches_with_clashing_column_types_fail_the_step_not_every_later_read(tmp_path: Path) -> None:
+    class Mixed(RowStep):
+        inputs = ("instruction",)
+        outputs = ("score",)
+
+        def __init__(self, *, batch_size: int = runtime(10)):
+            self.batch_size = batch_size
+
+        def map_batch(self, batch: pa.Table) -> dict[str, list]:
+            first = batch.column("id")[0].as_py() == "row0"
+            return {"score": [1 if first else "high"] * batch.num_rows}
+
+    pipe = Numbers(n=30) >> Mixed() >> Square()
+    with pytest.raises(StepError, match=r"step 'mixed'.*rows \[10, 20\).*'score'.*string.*int64"):
+        pipe.run(tmp_path / "run", progress=False)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["steps"]["mixed"]["status"] == "failed"  # not cached as done: a fixed step runs again

@@ -205,3 +205,63 @@ def test_yaml_fan_out_and_round_trip() -> None:
     assert {n: (type(x.step), x.parents, x.step.fingerprint()) for n, x in again.nodes.items()} == {
         n: (type(x.step), x.parents, x.step.fingerprint()) for n, x in p.nodes.items()
     }
+
+
+def test_step_on_a_list_of_dicts_keeps_keys_the_first_row_lacks() -> None:
+    rows = [{"id": "a", "output": "long enough"}, {"id": "b", "output": "also long", "score": 5}]
+    out = LengthFilter(min_chars=1)(rows)
+    assert [r.get("score") for r in out] == [None, 5]
+
+
+def test_yaml_duplicate_keys_are_errors_not_silently_dropped(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "steps:\n"
+        "  stats: {step: TextStats}\n"
+        "  filt: {step: LengthFilter, params: {min_chars: 5}}\n"
+        "  filt: {step: RegexFilter, params: {pattern: sorry}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"r.yaml:4 steps.filt: duplicate key 'filt' \(first at line 3\)"):
+        Pipeline.from_yaml(recipe)
+    recipe.write_text("steps:\n  f:\n    step: LengthFilter\n    params: {min_chars: 5, min_chars: 50}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:4 steps.f.params.min_chars: duplicate key 'min_chars'"):
+        Pipeline.from_yaml(recipe)
+
+
+def test_path_parameters_fingerprint_the_same_as_str_and_after_a_yaml_round_trip(tmp_path: Path) -> None:
+    from thresher.data import Load
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "x"}\n')
+    step = Load(path=data, quarantine_path=tmp_path / "q.jsonl", on_bad_record="quarantine")
+    assert step.fingerprint() == Load(path=str(data), quarantine_path=str(tmp_path / "q.jsonl"),
+                                      on_bad_record="quarantine").fingerprint()
+    (only,) = Pipeline.from_yaml(Pipeline.from_step(step).to_yaml()).nodes.values()
+    assert only.step.fingerprint() == step.fingerprint()
+
+
+def test_load_fingerprint_does_not_change_when_the_project_moves(tmp_path: Path) -> None:
+    # recipes resolve relative paths to absolute ones: moving the project (or the run to another machine) must not
+    # re-run every step, as long as the file's name and content are the same
+    from thresher.data import Load
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "data.jsonl").write_text('{"instruction": "x"}\n')
+    fp_a = Load(path=str(tmp_path / "a" / "data.jsonl")).fingerprint()
+    assert Load(path=str(tmp_path / "b" / "data.jsonl")).fingerprint() == fp_a
+    (tmp_path / "b" / "data.jsonl").write_text('{"instruction": "y"}\n')
+    assert Load(path=str(tmp_path / "b" / "data.jsonl")).fingerprint() != fp_a
+
+
+def test_chaining_two_pipelines_that_share_the_joint_step() -> None:
+    from pipeline_steps import Numbers
+
+    src, stats, short = Numbers(n=3), RegexFilter(pattern="x"), LengthFilter()
+    head = src >> stats
+    tail = stats >> short  # starts at head's last step
+    joined = head >> tail
+    assert list(joined.nodes) == ["numbers", "regex_filter", "length_filter"]
+    assert joined.nodes["regex_filter"].parents == ["numbers"]
+    assert joined.nodes["length_filter"].parents == ["regex_filter"]
+    assert joined.tips == ["length_filter"]
