@@ -10,6 +10,7 @@ directory; `Pipeline.add(step, name=..., after=[...])` sets them explicitly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ from thresher.pipelines.step import Step
 
 if TYPE_CHECKING:
     from thresher.pipelines.runner import RunResult
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -98,7 +102,14 @@ class Pipeline:
         if name is not None and name in self.nodes:
             raise PipelineError(f"a step named {name!r} already exists")
         name = name or self._unique(step.default_name)
+        if not _NAME.fullmatch(name):
+            raise PipelineError(
+                f"step name {name!r} is not usable: it names a folder in the run directory, so use letters, digits, "
+                "'_', '-' and '.' (not first)"
+            )
         parents = list(after or [])
+        if len(set(parents)) != len(parents):
+            raise PipelineError(f"step {name!r} names the same parent twice: {parents}")
         for p in parents:
             if p not in self.nodes:
                 raise PipelineError(f"step {name!r} comes after {p!r}, which is not in the pipeline: {list(self.nodes)}")

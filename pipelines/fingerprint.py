@@ -103,9 +103,30 @@ def stable_hash(value: Any, where: str = "value") -> str:
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
 
 
+_DIGESTS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
+
+
+def _stat_key(p: Path) -> tuple[tuple[str, int, int], ...]:
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return tuple((str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
+
+
 def file_digest(path: str | os.PathLike[str], chunk_size: int = 1 << 22) -> str:
-    """Content hash of a file (or of every file under a directory, in sorted order)."""
+    """Content hash of a file (or of every file under a directory, in sorted order).
+
+    Remembered per process while the files' sizes and modification times stay the same, so checking a pipeline
+    and then running it reads a large input once, not twice.
+    """
     p = Path(path)
+    memo_key = (str(p.resolve()), _stat_key(p))
+    if memo_key in _DIGESTS:
+        return _DIGESTS[memo_key]
+    digest = _file_digest(p, chunk_size)
+    _DIGESTS[memo_key] = digest
+    return digest
+
+
+def _file_digest(p: Path, chunk_size: int) -> str:
     h = hashlib.blake2b(digest_size=16)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     for f in files:

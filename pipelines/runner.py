@@ -336,6 +336,10 @@ class Runner:
             rec = self.records[node.name]
             step_dir = self.run_dir / rec.dir
             done = step_dir / DONE
+            if done.exists() and not list_shards(step_dir / "output"):
+                # a finished step whose output was deleted by hand: run it again rather than feed 0 rows downstream
+                self._say(f"{node.name}: output missing from {step_dir}, running it again")
+                done.unlink()
             if done.exists():
                 stats = json.loads(done.read_text())
                 for k in ("rows_in", "rows_out", "rows_rejected", "rows_failed", "seconds", "metrics"):

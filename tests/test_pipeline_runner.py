@@ -257,3 +257,25 @@ def test_batches_with_clashing_column_types_fail_the_step_not_every_later_read(t
         pipe.run(tmp_path / "run", progress=False)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["steps"]["mixed"]["status"] == "failed"  # not cached as done: a fixed step runs again
+
+
+def test_step_names_and_parents_are_checked() -> None:
+    p = Pipeline()
+    p.add(Numbers(n=1), name="src")
+    for bad in ("../escape", "a/b", ".hidden", "two words"):
+        with pytest.raises(PipelineError, match="is not usable"):
+            p.add(Square(), name=bad, after=["src"])
+    with pytest.raises(PipelineError, match="same parent twice"):
+        p.add(Square(), name="sq", after=["src", "src"])
+
+
+def test_deleted_output_of_a_finished_step_is_rebuilt(tmp_path: Path) -> None:
+    import shutil
+
+    counters = tmp_path / "c"
+    counters.mkdir()
+    first = three_steps(counters).run(tmp_path / "run", progress=False)
+    shutil.rmtree(first.output_dir("square"))
+    again = three_steps(counters).run(tmp_path / "run", progress=False)
+    assert again.executed == ["square"] and again.cached == ["numbers", "even_only"]
+    assert again.table("even_only").equals(first.table("even_only"))
