@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -605,6 +606,11 @@ def _load_hf(path: Path, limit: int | None) -> Source:
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds)
         if "train" in ds:
+            if len(splits) > 1:
+                logging.getLogger("thresher.data").warning(
+                    "%s is a DatasetDict with splits %s: reading 'train' only; to read another split, give its "
+                    "folder (e.g. %s)", path, splits, Path(path) / next(s for s in splits if s != "train"),
+                )
             ds = ds["train"]
         elif len(splits) == 1:
             ds = ds[splits[0]]
