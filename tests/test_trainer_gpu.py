@@ -81,7 +81,15 @@ def test_bf16_training_reports_throughput_and_mfu(smol_dir: Path, tmp_path: Path
         assert records[-1]["mfu"] is not None and 0 < records[-1]["mfu"] < 1
 
 
-def test_qlora_4bit(smol_dir: Path, tmp_path: Path) -> None:
+def test_qlora_4bit(smol_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("bitsandbytes")
+    from thresher.trainer import attention
+
+    if attention.cuda_varlen_backend() is not None:
+        # QLoRA's fp32 norms make q/k/v fp32: they must still reach the fused kernel, not the per-example loop.
+        def no_reference_loop(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("packed QLoRA attention fell back to the per-example reference loop")
+
+        monkeypatch.setattr(attention, "_reference_varlen", no_reference_loop)
     result = train(_config(smol_dir, tmp_path, quantization="4bit", max_steps=3, gradient_checkpointing=True))
     assert result.steps == 3 and (result.adapter_dir / "adapter_model.safetensors").is_file()

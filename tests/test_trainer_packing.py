@@ -85,3 +85,20 @@ def test_varlen_reference_equals_sdpa_with_block_mask(kv_heads: int) -> None:
     torch.testing.assert_close(out[0], expected[0].transpose(0, 1))
     direct = _reference_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, None)
     torch.testing.assert_close(direct, out[0])
+
+
+def test_varlen_refuses_attention_it_does_not_implement() -> None:
+    """A sliding window, soft-capping or sinks passed by the model must fail, not be silently dropped."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    cu, module = torch.tensor([0, 3, 8, 10], dtype=torch.int32), torch.nn.Module()
+    plain, _ = varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5)
+    # A window no example outgrows changes nothing, so it is allowed (layers pass it even for short rows).
+    wide, _ = varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5, sliding_window=5)
+    torch.testing.assert_close(wide, plain)
+    with pytest.raises(ValueError, match="no sliding window"):
+        varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5, sliding_window=4)
+    with pytest.raises(ValueError, match="softcap"):
+        varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5, softcap=50.0)
+    with pytest.raises(ValueError, match="s_aux"):
+        varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5, s_aux=torch.zeros(2))

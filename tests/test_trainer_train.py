@@ -51,7 +51,7 @@ def _config(smol_dir: Path, output_dir: Path, **overrides: Any) -> TrainConfig:
 def run(smol_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One 10-step run shared by the tests below: 4 training rows (one micro-batch per step), 1 eval row."""
     out = tmp_path_factory.mktemp("sft")
-    cfg = _config(smol_dir, out, eval_fraction=0.2, max_steps=10, save_merged=True)
+    cfg = _config(smol_dir, out, eval_fraction=0.2, max_steps=10, save_merged=True, peak_tflops=1.0)
     return {"cfg": cfg, "result": train(cfg)}
 
 
@@ -116,6 +116,89 @@ def test_logs_are_written(run: dict[str, Any]) -> None:
     assert any(r["kind"] == "eval" for r in records)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "config.yaml").is_file() and (run["result"].adapter_dir / "adapter_config.json").is_file()
+
+
+def test_mfu_counts_the_base_model_matmuls(run: dict[str, Any]) -> None:
+    """MFU = 4N x tokens/s / peak, N the base model's matmul weights (LoRA's own A/B matrices not included)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(run["cfg"].model)
+    n = sum(m.in_features * m.out_features for m in base.modules() if isinstance(m, torch.nn.Linear))
+    records = [r for r in run["result"].history if r["kind"] == "train"]
+    for r in records:
+        assert r["mfu"] == pytest.approx(4 * n * r["tokens_per_s"] / 1e12, rel=1e-9)
+
+
+def test_matmul_params_count_logical_weights_not_packed_storage() -> None:
+    from thresher.trainer.model import count_matmul_params
+
+    layer = torch.nn.Linear(64, 32, bias=False)
+    # bitsandbytes' Params4bit holds two 4-bit values per byte: numel is half of in_features x out_features.
+    layer.weight = torch.nn.Parameter(torch.zeros(64 * 32 // 2, 1, dtype=torch.uint8), requires_grad=False)
+    assert count_matmul_params(torch.nn.Sequential(layer, torch.nn.Linear(32, 8))) == 64 * 32 + 32 * 8
+
+
+def test_gradient_accumulation_averages_over_all_supervised_tokens(smol_dir: Path, tmp_path: Path) -> None:
+    """One micro-batch of 4 rows and two of 2 rows each are the same optimizer step: same loss, same gradient."""
+    steps = {}
+    for budget, accum in ((256, 1), (128, 2)):  # rows of 64, 51, 64, 64 tokens: all fit 256; any two fit 128
+        cfg = _config(smol_dir, tmp_path / f"accum{accum}", max_rows=4, micro_batch_tokens=budget,
+                      grad_accum_steps=accum, max_steps=1, tensorboard=False)
+        (record,) = [r for r in train(cfg).history if r["kind"] == "train"]
+        steps[accum] = record
+    assert steps[1]["tokens"] == steps[2]["tokens"] and steps[1]["supervised_tokens"] == steps[2]["supervised_tokens"]
+    assert steps[2]["loss"] == pytest.approx(steps[1]["loss"], abs=1e-5)
+    assert steps[2]["grad_norm"] == pytest.approx(steps[1]["grad_norm"], rel=1e-4)
+
+
+def test_packed_loss_equals_transformers_own_loss_per_example(smol_dir: Path, tmp_path: Path) -> None:
+    """An independent reference: the model's own labels loss, one row at a time, with system prompt and history."""
+    from thresher.trainer.chat import end_of_turn_ids, render_rows, resolve_chat_template
+    from thresher.trainer.model import attach_adapter, load_model, load_tokenizer
+    from thresher.trainer.packing import collate
+    from thresher.trainer.sft import _loss_sum
+
+    tokenizer = load_tokenizer(smol_dir)
+    rows = [
+        {"id": "a", "system": "Be terse.", "instruction": "2+2?", "input": "", "output": "4",
+         "history": [["hi", "hello there"]]},
+        {"id": "b", "instruction": "Name a colour", "input": "one word", "output": " Blue.\n"},
+    ]
+    examples, _ = render_rows(rows, tokenizer, chat_template=resolve_chat_template(tokenizer, None), max_seq_len=64,
+                              eot_ids=end_of_turn_ids(tokenizer, None))
+    cfg = _config(smol_dir, tmp_path)
+    torch.manual_seed(0)
+    model = attach_adapter(cfg, load_model(cfg, smol_dir, torch.device("cpu"), torch.float32, "sdpa"))
+    batch = collate(examples, packing=True, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = _loss_sum(model, batch, attn="sdpa", dtype=torch.float32, fast_head=True).item()
+        reference = 0.0
+        for ex in examples:  # transformers shifts labels itself and averages over the non-ignored ones
+            labels = [t if s else -100 for t, s in zip(ex.input_ids, ex.supervised, strict=True)]
+            loss = model(input_ids=torch.tensor([ex.input_ids]), labels=torch.tensor([labels])).loss
+            reference += loss.item() * ex.n_supervised
+    assert ours == pytest.approx(reference, rel=1e-5)
+
+
+def test_packing_refuses_a_sliding_window_it_would_drop(smol_dir: Path, tmp_path: Path) -> None:
+    """Packed attention is plain causal within each example: a model whose window is shorter than a row is refused."""
+    from transformers import Gemma2Config, MistralConfig, MistralForCausalLM
+
+    from thresher.trainer.model import load_model
+
+    tiny = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
+    mistral = tmp_path / "mistral"
+    MistralForCausalLM(MistralConfig(**tiny, sliding_window=16)).save_pretrained(mistral)
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="sliding window of 16 tokens"):
+        load_model(_config(smol_dir, tmp_path, max_seq_len=64), mistral, cpu, torch.float32, "sdpa")
+    load_model(_config(smol_dir, tmp_path, max_seq_len=16), mistral, cpu, torch.float32, "sdpa")  # never bites
+    load_model(_config(smol_dir, tmp_path, max_seq_len=64, packing=False), mistral, cpu, torch.float32, "sdpa")
+    gemma = tmp_path / "gemma2"
+    Gemma2Config(**tiny, sliding_window=4096).save_pretrained(gemma)  # soft-capped scores; the config is enough
+    with pytest.raises(ConfigError, match="soft-caps attention scores"):
+        load_model(_config(smol_dir, tmp_path, max_seq_len=64), gemma, cpu, torch.float32, "sdpa")
 
 
 def test_packed_and_unpacked_give_the_same_loss_and_gradients(smol_dir: Path, tmp_path: Path) -> None:

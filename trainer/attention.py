@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import itertools
+import logging
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 NAME = "thresher_varlen"
+
+log = logging.getLogger("thresher.trainer")
 
 
 def register() -> str:
@@ -37,7 +40,12 @@ def cuda_varlen_backend() -> str | None:
     if not torch.cuda.is_available():
         return None
     if importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attn"
+        try:  # a wheel built against another torch is installed but fails to load (undefined symbol)
+            from flash_attn import flash_attn_varlen_func  # noqa: F401
+
+            return "flash_attn"
+        except (ImportError, OSError) as exc:
+            log.warning("flash-attn is installed but does not load (%s): using torch's varlen kernel", exc)
     if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
         return "torch"
     return None
@@ -63,10 +71,25 @@ def varlen_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed varlen attention expects batch size 1, got {query.shape[0]}")
+    max_len = int(max_length_q) if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    # What this kernel does not implement must fail, not be dropped: a sliding window that bites (Gemma 2/3,
+    # Mistral v0.1), tanh soft-capping of scores (Gemma 2), attention sinks (gpt-oss).
+    window = kwargs.get("sliding_window")
+    if window is not None and max_len > window:
+        raise ValueError(f"packed varlen attention has no sliding window ({window} tokens) and an example is "
+                         f"{max_len} tokens long: set packing: false")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"packed varlen attention does not implement {name!r}: set packing: false")
     # (1, H, T, D) -> (T, H, D): the token-major layout varlen kernels take. transformers' projections are laid out
     # token-major already (a transposed view), so contiguous() is normally free.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    max_len = int(max_length_q) if max_length_q is not None else int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # fp32 activations under bf16 autocast: QLoRA upcasts norms and embeddings to fp32 and bitsandbytes returns
+        # its input dtype, so q/k/v arrive in fp32. Run the fused kernel in the autocast dtype, as transformers'
+        # flash-attention path does, instead of falling back to the slow per-example loop.
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(half), k.to(half), v.to(half)
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and cuda_varlen_backend() is not None:
         out = _cuda_varlen(q, k, v, cu_seq_lens_q, max_len, scaling, dropout)
     else:  # CPU, fp32, or no fused kernel: the exact per-example loop

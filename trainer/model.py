@@ -117,8 +117,10 @@ def choose_attention(cfg: TrainConfig, device: torch.device, dtype: torch.dtype)
 
 def load_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
     """The frozen base model on `device`, in `dtype` (or quantized with bitsandbytes)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if cfg.packing:
+        _check_packable(AutoConfig.from_pretrained(model_dir), cfg.max_seq_len, model_dir)
     kwargs: dict[str, Any] = {"attn_implementation": attn, **_dtype_kwarg(dtype)}
     if cfg.quantization != "none":
         if device.type != "cuda":
@@ -143,6 +145,25 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: t
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _check_packable(config: Any, max_seq_len: int, model_dir: Path) -> None:
+    """Refuse packing for attention that a block-diagonal causal mask or our varlen kernel would silently drop.
+
+    Both give every layer plain causal attention within each example: a sliding window shorter than an example
+    (Gemma 2/3, Mistral v0.1, Qwen2 with use_sliding_window) or soft-capped scores (Gemma 2) would be lost.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if window is not None and (not layer_types or "sliding_attention" in layer_types) and max_seq_len > window:
+        raise ConfigError(
+            f"{model_dir}: the model attends within a sliding window of {window} tokens, which packed attention "
+            f"does not implement, and max_seq_len={max_seq_len} exceeds it: set packing: false, or max_seq_len "
+            f"<= {window}"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ConfigError(f"{model_dir}: the model soft-caps attention scores, which packed attention does not "
+                          "implement: set packing: false")
 
 
 def attach_adapter(cfg: TrainConfig, model: Any) -> Any:
@@ -186,13 +207,15 @@ def count_matmul_params(model: torch.nn.Module) -> int:
     """Weights that do a matmul per token (every nn.Linear, the output head included; embeddings excluded).
 
     MFU uses 4 x this per token for LoRA: 2N forward, 2N for activation gradients, no frozen weight gradients.
+    Count the base model before the adapter is attached. A layer counts in_features x out_features, not its
+    weight's numel: bitsandbytes stores a 4-bit weight packed two values to a byte, so numel is half the matmul.
     """
     seen: set[int] = set()
     total = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
             seen.add(id(module.weight))
-            total += module.weight.numel()
+            total += module.in_features * module.out_features
     return total
 
 

@@ -122,7 +122,9 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, **overrides: Any) -
 
     # --- 3. model and adapter ---------------------------------------------------------------------------------
     attn = choose_attention(cfg, device, dtype)
-    model = attach_adapter(cfg, load_model(cfg, model_dir, device, dtype, attn))
+    base = load_model(cfg, model_dir, device, dtype, attn)
+    matmul_params = count_matmul_params(base)  # before the adapter: MFU counts the base model's matmuls
+    model = attach_adapter(cfg, base)
     base = model.get_base_model()
     if dtype != torch.float32:
         _let_autocast_pick_adapter_dtype(model)
@@ -130,7 +132,6 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, **overrides: Any) -
         for layer in base.get_decoder().layers:
             layer.compile(dynamic=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    matmul_params = count_matmul_params(base)
     fast_head = _plain_linear_head(cfg, base)
     peak = peak_tflops(device, "bf16" if dtype != torch.float32 else "fp32", cfg.peak_tflops)
     log.info(
