@@ -3,6 +3,7 @@ uninterrupted run ends (adapter, optimizer moments, schedule, data position and 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,6 +100,10 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path: Path) -> None:
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=key)
     assert abs(resumed.train_loss - reference.train_loss) < 1e-5
+    # the log shows every step once: what the killed run logged past its checkpoint was redone, not added twice
+    logged = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in logged if r["kind"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 6
 
     # A checkpoint restores optimizer moments and schedule exactly as saved.
     state = torch.load(latest_checkpoint(reference_dir) / "training_state.pt", weights_only=True)
@@ -121,3 +126,20 @@ def test_interrupted_write_is_ignored_and_config_changes_are_refused(tmp_path: P
     assert more.start_step == 2 and more.steps == 3
     # The next save cleared the stale temporary directory.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_metrics_log_forgets_steps_past_the_resume_point(tmp_path: Path) -> None:
+    from thresher.trainer.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        w.write({"step": step, "kind": "train", "loss": 1.0 / step})
+    w.close()
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 6, "kind": "tr')  # the line a kill cut in half
+    # resumed from the checkpoint at step 3: steps 4-6 are redone, so the log must not keep the old ones
+    w = MetricsWriter(tmp_path, tensorboard=False, resume_step=3)
+    w.write({"step": 4, "kind": "train", "loss": 0.2})
+    w.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 from pathlib import Path
@@ -69,9 +70,10 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricsWriter:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard when available."""
 
-    def __init__(self, output_dir: Path, *, tensorboard: bool) -> None:
+    def __init__(self, output_dir: Path, *, tensorboard: bool, resume_step: int = 0) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
+        self._drop_after(resume_step)
         self._file = self.path.open("a")
         self._tb: Any = None
         if tensorboard:
@@ -81,6 +83,22 @@ class MetricsWriter:
                 self._tb = SummaryWriter(str(output_dir / "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def _drop_after(self, step: int) -> None:
+        """Forget records past the step a run resumes from: that work is being redone, and a log that shows steps
+        twice (or a fresh run's log after an old one) would be read as training that happened."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:  # a line cut by the kill that ended the previous run
+                continue
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

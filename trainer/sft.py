@@ -171,7 +171,7 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, **overrides: Any) -
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
     # --- 6. the loop ------------------------------------------------------------------------------------------
-    writer = MetricsWriter(out, tensorboard=cfg.tensorboard)
+    writer = MetricsWriter(out, tensorboard=cfg.tensorboard, resume_step=start_step)
     history: list[dict[str, Any]] = []
     stream = _prefetch(_micro_batches(train_examples, lengths, cfg, cursor, pad_id), device)
     progress = _progress(cfg, total_steps, step)
@@ -384,7 +384,7 @@ def _read_rows(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, A
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
     if cfg.eval_dataset is not None:
-        return rows, read_records(cfg.eval_dataset).to_pylist()
+        return rows, read_records(cfg.eval_dataset, layout=cfg.dataset_layout).to_pylist()
     if cfg.eval_fraction == 0 or len(rows) < 2:
         return rows, []
     n_eval = min(len(rows) - 1, max(1, round(len(rows) * cfg.eval_fraction)))
