@@ -40,6 +40,7 @@ from thresher.pipelines.execute import (
     run_on_tables,
     verify_accounting,
 )
+from thresher.pipelines.prefetch import prefetch
 from thresher.pipelines.step import Filter, RowStep, Step
 
 MANIFEST = "manifest.json"
@@ -414,7 +415,7 @@ class Runner:
         start = offset
         schema = _unified_schema(list_shards(step_dir / "output"))
         with _ShardWriter(step_dir) as writer:  # writes batch i while the step computes batch i+1
-            for batch, out in map_batches(step, name, _prefetch(iter_batches(src, bs, skip=offset))):
+            for batch, out in map_batches(step, name, prefetch(iter_batches(src, bs, skip=offset))):
                 end = start + batch.num_rows
                 # a batch whose columns cannot share a type with the batches before it fails the step here, before
                 # it is committed: once the step is done, every later read of its shards would fail instead
@@ -453,43 +454,6 @@ class Runner:
             for a in range(0, max(n, 1), rows_per_file):
                 b = min(n, a + rows_per_file)
                 atomic_write_parquet(table.slice(a, b - a), step_dir / side / shard_name(a, b))
-
-
-def _prefetch(it: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
-    """Read the next batches on a background thread while the step works on this one (Parquet decoding and
-    Arrow compute both release the GIL, so on two cores they overlap)."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in it:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:
-            put(e)
-
-    t = threading.Thread(target=produce, name="thresher-prefetch", daemon=True)
-    t.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
 
 
 def commit_batch(step_dir: Path, start: int, end: int, out: BatchOutput) -> None:

@@ -279,3 +279,35 @@ def test_deleted_output_of_a_finished_step_is_rebuilt(tmp_path: Path) -> None:
     again = three_steps(counters).run(tmp_path / "run", progress=False)
     assert again.executed == ["square"] and again.cached == ["numbers", "even_only"]
     assert again.table("even_only").equals(first.table("even_only"))
+
+
+def test_prefetch_keeps_order_raises_producer_errors_and_stops_early() -> None:
+    import threading
+
+    from thresher.pipelines.prefetch import prefetch
+
+    assert list(prefetch(range(10), prepare=lambda x: x * x)) == [x * x for x in range(10)]
+
+    def broken():
+        yield 1
+        raise ValueError("disk gone")
+
+    it = prefetch(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="disk gone"):
+        next(it)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), depth=2, name="test-prefetch")
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the consumer stops: the producer thread must end instead of filling memory
+    assert not any(t.name == "test-prefetch" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1

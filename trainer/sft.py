@@ -16,10 +16,8 @@ import functools
 import logging
 import math
 import os
-import queue
 import random
 import shutil
-import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 from thresher.errors import ConfigError, RecordError
+from thresher.pipelines.prefetch import prefetch
 from thresher.trainer import attention
 from thresher.trainer.chat import Example, end_of_turn_ids, render_rows, resolve_chat_template
 from thresher.trainer.checkpoint import (
@@ -312,7 +311,7 @@ class _Window:
 
 def _micro_batches(
     examples: Sequence[Example], lengths: list[int], cfg: TrainConfig, cursor: DataCursor, pad_id: int
-) -> Iterator[tuple[Batch, DataCursor]]:
+) -> Generator[tuple[Batch, DataCursor], None, None]:
     """Endless micro-batches from `cursor` on, epoch after epoch, each with the cursor just past it."""
     epoch, index = cursor.epoch, cursor.index
     while True:
@@ -324,40 +323,13 @@ def _micro_batches(
         epoch, index = epoch + 1, 0
 
 
-def _prefetch(stream: Iterator[Any], device: torch.device, depth: int = 2) -> Generator[Any, None, None]:
+def _prefetch(
+    stream: Generator[Any, None, None], device: torch.device, depth: int = 2
+) -> Generator[Any, None, None]:
     """On CUDA, collate and pin the next micro-batches on a thread while the GPU computes the current one."""
     if device.type != "cuda":
-        yield from stream
-        return
-    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for batch, cursor in stream:
-                item = (batch.pin_memory(), cursor)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # surfaced in the training loop, not lost in the thread
-            ready.put(exc)
-
-    thread = threading.Thread(target=work, name="thresher-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+        return stream
+    return prefetch(stream, depth, prepare=lambda item: (item[0].pin_memory(), item[1]))
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Any:
