@@ -440,7 +440,11 @@ class Runner:
             shutil.rmtree(step_dir / side, ignore_errors=True)
         tables = [read_folder(self._parent_dir(p)) for p in parents]
         rec.rows_in = sum(t.num_rows for t in tables)
+        # a step that needs every row at once reports when it has them all (generators count what they make)
+        bar = _progress(rec.rows_in or 0, name, 0, self.progress and rec.rows_in is not None)
         out = run_on_tables(step, name, tables)
+        bar.update(rec.rows_in or out.output.num_rows)
+        bar.close()
         self._write_whole(step_dir, out)
         rec.rows_out = out.output.num_rows
         rec.rows_rejected = out.rejected.num_rows if out.rejected is not None else 0
