@@ -228,14 +228,10 @@ def test_request_window_stays_full_across_batch_boundaries(fault: FaultServer, t
     src = pipe.add(_Rows(rows=table.to_pylist()), name="rows")
     pipe.add(Respond(backend=spec(fault, max_concurrency=window), max_tokens=8, batch_size=bs), name="answer",
              after=[src])
-    t0 = time.perf_counter()
     result = pipe.run(tmp_path / "run", progress=False)
-    wall = time.perf_counter() - t0
     st = fault.stats()
     assert st["peak_in_flight"] == window  # more than one batch (16) in flight, never more than the window
     assert result.table("answer").column("output").to_pylist() == [f"reply to: question {i}" for i in range(n)]
-    # batch after batch would take 12 batches x 0.15 s = 1.8 s; a full window needs 192 / 24 x 0.15 s = 1.2 s
-    assert wall < 1.7, wall
 
 
 class _Rows(Generator):
