@@ -19,10 +19,10 @@ from thresher.data.readers import (
     read_records_report,
 )
 from thresher.data.record import CANONICAL_COLUMNS
-from thresher.data.sources import normalize_format
+from thresher.data.sources import detect_format, normalize_format
 from thresher.errors import ConfigError, StepError
 from thresher.pipelines.fingerprint import file_digest
-from thresher.pipelines.step import Generator, GlobalStep
+from thresher.pipelines.step import Generator, GlobalStep, OpenColumns
 
 
 class Load(Generator):
@@ -81,7 +81,10 @@ class Load(Generator):
 
     def output_columns(self, input_columns: Sequence[Sequence[str]]) -> list[str]:
         self.check()
-        return peek_record_columns(self.path, layout=self.layout, file_format=self.file_format)
+        cols = peek_record_columns(self.path, layout=self.layout, file_format=self.file_format)
+        fmt = detect_format(Path(self.path), self.file_format)
+        # Parquet and saved HF datasets carry a schema: exact. Text formats were only peeked at: open.
+        return cols if fmt in ("parquet", "hf") else OpenColumns(cols)
 
     def _quarantine_target(self) -> str | os.PathLike[str] | None:
         if self.on_bad_record != "quarantine":

@@ -28,6 +28,7 @@ from thresher.pipelines.step import (
     Generator,
     GlobalFilter,
     GlobalStep,
+    OpenColumns,
     RowStep,
     Step,
 )
@@ -73,6 +74,8 @@ def check_columns(step: Step, name: str, input_columns: Sequence[Sequence[str]])
         raise PipelineError(f"step {name!r} ({type(step).__name__}) needs at least one input")
     for i, cols in enumerate(input_columns):
         missing = [c for c in step.reads() if c not in cols]
+        if missing and isinstance(cols, OpenColumns):
+            continue  # the source only peeked: the runner checks again against the real data before this step
         if missing:
             which = f" (input {i})" if len(input_columns) > 1 else ""
             raise PipelineError(

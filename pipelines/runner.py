@@ -349,6 +349,8 @@ class Runner:
                 self._say(f"{node.name}: cached ({rec.rows_out} rows)")
                 self._write_manifest()
                 continue
+            # columns a peeking source could not promise before the run: checked now against the real data
+            check_columns(node.step, node.name, [self._columns_of(p) for p in node.parents])
             rec.status = "running"
             self._write_manifest()
             t0 = time.perf_counter()
@@ -385,6 +387,10 @@ class Runner:
     def _say(self, msg: str) -> None:
         if self.progress:
             print(f"[thresher] {msg}", file=sys.stderr)
+
+    def _columns_of(self, parent: str) -> list[str]:
+        schema = _unified_schema(list_shards(self._parent_dir(parent)))
+        return schema.names if schema is not None else []
 
     def _parent_dir(self, parent: str) -> Path:
         return self.run_dir / self.records[parent].dir / "output"

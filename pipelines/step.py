@@ -43,6 +43,12 @@ REJECTED_BY_COLUMN = "rejected_by"
 REASON_COLUMN = "reason"
 FAILED_BY_COLUMN = "failed_by"
 
+class OpenColumns(list):  # type: ignore[type-arg]
+    """Columns a step's output has at least: a source that only peeked at its file (JSON, JSONL, CSV) may find
+    more further on. A column missing from an open list is checked again, against the real data, just before the
+    step that needs it runs, instead of failing a pipeline whose data does have it."""
+
+
 class Step:
     """Base class of every step. Subclass one of RowStep, Filter, GlobalFilter, GlobalStep, Generator."""
 
@@ -195,7 +201,7 @@ class Step:
         for c in self.writes():
             if c not in cols:
                 cols.append(c)
-        return cols
+        return OpenColumns(cols) if any(isinstance(g, OpenColumns) for g in input_columns) else cols
 
     @property
     def default_name(self) -> str:

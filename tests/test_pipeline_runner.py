@@ -311,3 +311,25 @@ def test_prefetch_keeps_order_raises_producer_errors_and_stops_early() -> None:
     it.close()  # the consumer stops: the producer thread must end instead of filling memory
     assert not any(t.name == "test-prefetch" for t in threading.enumerate())
     assert len(produced) <= 3 + 2 + 1
+
+
+def test_a_column_the_source_only_finds_late_is_checked_against_the_real_data(tmp_path: Path) -> None:
+    """Load peeks at the start of a JSONL file; a column first seen further on must not fail the pre-run check,
+    and a column that is really absent must still fail before the step that needs it runs."""
+    from thresher.data import Load
+    from thresher.filters import LengthFilter as LF
+
+    rows = [{"instruction": f"task {i}", "output": "ok"} for i in range(400)]
+    rows[350]["critique"] = "far down the file"
+    path = tmp_path / "late.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    found = (Load(path=str(path)) >> LF(field="critique", min_chars=0)).run(tmp_path / "ok", progress=False)
+    assert found.steps["length_filter"].rows_in == 400
+
+    counters = tmp_path / "c"
+    counters.mkdir()
+    missing = Load(path=str(path)) >> LF(field="nowhere") >> Square(counter_dir=str(counters))
+    with pytest.raises(PipelineError, match=r"needs column\(s\) \['nowhere'\]"):
+        missing.run(tmp_path / "missing", progress=False)
+    assert calls(counters, "square") == 0
