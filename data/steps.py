@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from thresher.data.convert import peek_record_columns
 from thresher.data.layouts import normalize_layout
@@ -23,6 +25,8 @@ from thresher.data.sources import detect_format, normalize_format
 from thresher.errors import ConfigError, StepError
 from thresher.pipelines.fingerprint import file_digest
 from thresher.pipelines.step import Generator, GlobalStep, OpenColumns
+
+log = logging.getLogger("thresher.data")
 
 
 class Load(Generator):
@@ -101,13 +105,20 @@ class Load(Generator):
             max_field_chars=self.max_field_chars,
             limit=self.limit,
         )
-        return self.report_.table
+        table = self.report_.table
+        # Ids given in the data are kept as given; repeated ones would make lineage (parent_id, duplicate_of)
+        # ambiguous, so say so rather than let it pass unseen.
+        self.duplicate_ids_ = table.num_rows - pc.count_distinct(table.column("id")).as_py() if table.num_rows else 0
+        if self.duplicate_ids_:
+            log.warning("%s: %d rows repeat an id used by an earlier row", self.path, self.duplicate_ids_)
+        return table
 
     def metrics(self) -> dict[str, Any]:
         report = getattr(self, "report_", None)
         if report is None:
             return {}
         out = report.counts()
+        out["duplicate_ids"] = getattr(self, "duplicate_ids_", 0)
         out["layout"] = report.layout
         out["file_format"] = report.file_format
         if report.quarantine_path is not None:

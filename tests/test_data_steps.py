@@ -165,3 +165,20 @@ def test_reading_100k_alpaca_rows_from_jsonl_is_fast(shared_data: Path, tmp_path
     assert table.num_rows == 100_000
     # about 1 s on two busy cores; the bound leaves room for a loaded CI machine
     assert seconds < 5.0, f"reading 100k rows took {seconds:.2f}s"
+
+
+def test_load_reports_repeated_ids(tmp_path, caplog) -> None:
+    import json as _json
+
+    from thresher.data import Load
+
+    rows = [{"id": "a", "instruction": "x", "output": "1"}, {"id": "a", "instruction": "y", "output": "2"},
+            {"id": "b", "instruction": "z", "output": "3"}]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join(_json.dumps(r) for r in rows))
+    step = Load(path=str(path))
+    with caplog.at_level("WARNING", logger="thresher.data"):
+        res = step.apply()
+    assert res.rows_out == 3  # kept as given, nothing dropped
+    assert res.metrics["duplicate_ids"] == 1
+    assert "1 rows repeat an id" in caplog.text
