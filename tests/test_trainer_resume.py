@@ -111,7 +111,9 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("smol_dir")
-def test_interrupted_write_is_ignored_and_config_changes_are_refused(tmp_path: Path) -> None:
+def test_interrupted_write_is_ignored_and_config_changes_are_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "run"
     cfg = {**_config(out), "max_steps": 2}
     train(TrainConfig(**cfg))
@@ -121,9 +123,11 @@ def test_interrupted_write_is_ignored_and_config_changes_are_refused(tmp_path: P
     # Resuming with another LoRA rank would mix two experiments.
     with pytest.raises(ConfigError, match=r"lora_r: checkpoint 4 -> config 8"):
         train(TrainConfig(**{**cfg, "lora_r": 8, "max_steps": 4}))
-    # Runtime knobs may change: more steps continue from the checkpoint.
-    more = train(TrainConfig(**{**cfg, "max_steps": 3, "log_every": 5}))
+    # Runtime knobs may change: more steps continue from the checkpoint, with a warning that the schedule is rebuilt.
+    with caplog.at_level("WARNING", logger="thresher.trainer"):
+        more = train(TrainConfig(**{**cfg, "max_steps": 3, "log_every": 5}))
     assert more.start_step == 2 and more.steps == 3
+    assert "resuming with max_steps=3 epochs=1.0 where the checkpoint had max_steps=2" in caplog.text
     # The next save cleared the stale temporary directory.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
 

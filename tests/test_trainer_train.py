@@ -138,6 +138,33 @@ def test_matmul_params_count_logical_weights_not_packed_storage() -> None:
     assert count_matmul_params(torch.nn.Sequential(layer, torch.nn.Linear(32, 8))) == 64 * 32 + 32 * 8
 
 
+@pytest.mark.parametrize(
+    ("gpu", "precision", "matmul_precision", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", "highest", 989.0),
+        ("NVIDIA H100 80GB HBM3", "fp32", "highest", 67.0),  # torch's default: true fp32, no TF32
+        ("NVIDIA H100 80GB HBM3", "fp32", "high", 494.5),  # TF32 matmuls switched on by the user
+        ("NVIDIA H100 PCIe", "bf16", "highest", 756.0),  # not the SXM figure
+        ("NVIDIA A100-SXM4-80GB", "bf16", "highest", 312.0),  # not the A10's
+        ("NVIDIA GeForce GTX 1080", "bf16", "highest", None),  # unknown: MFU is left out, not guessed
+    ],
+)
+def test_peak_flops_follow_the_gpu_and_the_matmul_precision(
+    monkeypatch: pytest.MonkeyPatch, gpu: str, precision: str, matmul_precision: str, expected: float | None
+) -> None:
+    from thresher.trainer.metrics import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        assert peak_tflops(torch.device("cuda"), precision) == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert peak_tflops(torch.device("cuda"), precision, override=123.0) == 123.0
+    assert peak_tflops(torch.device("cpu"), precision) is None  # CPU peaks are measured by the caller, not tabled
+
+
 def test_gradient_accumulation_averages_over_all_supervised_tokens(smol_dir: Path, tmp_path: Path) -> None:
     """One micro-batch of 4 rows and two of 2 rows each are the same optimizer step: same loss, same gradient."""
     steps = {}

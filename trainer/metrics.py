@@ -19,33 +19,41 @@ import torch
 
 log = logging.getLogger("thresher.trainer")
 
-# Peak dense TFLOP/s by GPU name fragment, for bf16 and for fp32 (tf32 tensor cores where the GPU has them).
+# Peak dense TFLOP/s by GPU name fragment: bf16 tensor cores (fp16 on V100 and T4, which lack bf16), tf32 tensor
+# cores, and plain fp32 on CUDA cores. An fp32 run counts against the fp32 figure unless TF32 matmuls are switched on
+# (torch.set_float32_matmul_precision("high") or allow_tf32): torch leaves them off and the trainer does not touch it.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989.0, "fp32": 494.5},
-    "H100 PCIe": {"bf16": 756.0, "fp32": 378.0},
-    "H100": {"bf16": 989.0, "fp32": 494.5},
-    "GH200": {"bf16": 989.0, "fp32": 494.5},
-    "B200": {"bf16": 2250.0, "fp32": 1100.0},
-    "A100": {"bf16": 312.0, "fp32": 156.0},
-    "A10G": {"bf16": 70.0, "fp32": 35.0},
-    "A10": {"bf16": 125.0, "fp32": 62.5},
-    "L40S": {"bf16": 362.0, "fp32": 183.0},
-    "L4": {"bf16": 121.0, "fp32": 60.0},
-    "RTX 4090": {"bf16": 165.2, "fp32": 82.6},
-    "RTX 3090": {"bf16": 71.0, "fp32": 35.6},
-    "V100": {"bf16": 125.0, "fp32": 15.7},  # fp16 tensor cores; V100 has no bf16
-    "T4": {"bf16": 65.0, "fp32": 8.1},
+    "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},
+    "GH200": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},
+    "B200": {"bf16": 2250.0, "tf32": 1125.0, "fp32": 75.0},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "tf32": 35.0, "fp32": 31.2},
+    "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "L40S": {"bf16": 362.0, "tf32": 183.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "RTX 4090": {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "tf32": 35.6, "fp32": 35.6},
+    "V100": {"bf16": 125.0, "tf32": 15.7, "fp32": 15.7},  # no TF32 tensor cores
+    "T4": {"bf16": 65.0, "tf32": 8.1, "fp32": 8.1},  # no TF32 tensor cores
 }
 
 
 def peak_tflops(device: torch.device, precision: str, override: float | None = None) -> float | None:
-    """The device's peak for `precision` ('bf16' or 'fp32'): the override, else the table; None if unknown."""
+    """The device's peak for `precision` ('bf16' or 'fp32'): the override, else the table; None if unknown.
+
+    For 'fp32' the TF32 figure applies when torch would run fp32 matmuls on TF32 tensor cores.
+    """
     if override is not None:
         return override
     if device.type != "cuda":
         return None
+    if precision == "fp32" and (torch.get_float32_matmul_precision() != "highest"
+                                or torch.backends.cuda.matmul.allow_tf32):
+        precision = "tf32"
     name = torch.cuda.get_device_name(device)
-    for fragment, peaks in PEAK_TFLOPS.items():  # ordered so "H100 PCIe" wins over "H100"
+    for fragment, peaks in PEAK_TFLOPS.items():  # ordered so "H100 PCIe" wins over "H100", "A100" over "A10"
         if fragment in name:
             return peaks[precision]
     log.warning("no peak FLOP/s known for %r: MFU is not reported (set peak_tflops)", name)

@@ -373,6 +373,14 @@ def _check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
             f"{checkpoint} was made with a different config ({changes}); use another output_dir, or resume: false "
             "(--no-resume) to start over"
         )
+    if (saved.max_steps, saved.epochs) != (cfg.max_steps, cfg.epochs):
+        # Allowed (extending a run is common), but the schedule is rebuilt for the new length: the remaining steps
+        # follow a warm-up/decay curve the finished ones did not, as in HF Trainer.
+        log.warning(
+            "resuming with max_steps=%s epochs=%s where the checkpoint had max_steps=%s epochs=%s: the learning-rate "
+            "schedule is recomputed for the new length from the checkpoint's step on",
+            cfg.max_steps, cfg.epochs, saved.max_steps, saved.epochs,
+        )
 
 
 def _device(name: str) -> torch.device:
