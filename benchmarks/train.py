@@ -124,9 +124,9 @@ def build_model(size: str, tmp: Path, cuda: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from thresher.trainer.model import bundled_gguf, load_tokenizer, resolve_model_dir
+    from thresher.trainer.model import BUNDLED, load_tokenizer, resolve_model_dir
 
-    smol = resolve_model_dir(str(bundled_gguf()))
+    smol = resolve_model_dir(BUNDLED)
     if size == "smollm2":
         return smol
     tokenizer = load_tokenizer(smol)

@@ -33,11 +33,16 @@ from thresher.llms.local import GenItem, GenOut, LocalChatBackend
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-def _dtype_kw(dtype: Any) -> dict[str, Any]:
-    """transformers >= 4.56 takes `dtype=`; older releases only `torch_dtype=`."""
+# Part of every conversion's directory name: bumping it makes conversions done by an older, faulty version of
+# hf_dir_for_gguf be redone instead of reused. 2: bos/eos/pad taken from the GGUF file's ids.
+CONVERSION_VERSION = 2
+
+
+def dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """The from_pretrained keyword for a dtype: transformers >= 4.56 takes `dtype=`, older releases `torch_dtype=`."""
     import transformers
 
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0) for part in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
@@ -66,7 +71,7 @@ def hf_dir_for_gguf(gguf: str | os.PathLike[str], cache_dir: str | os.PathLike[s
     """A transformers model directory (safetensors) converted from `gguf`, made once and reused."""
     gguf = Path(gguf)
     root = Path(cache_dir) if cache_dir is not None else conversion_dir()
-    target = root / f"{gguf.stem}-{model_digest(gguf)}"
+    target = root / f"{gguf.stem}-{model_digest(gguf)}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
     with _file_lock(root / f".{target.name}.lock"):
@@ -77,8 +82,9 @@ def hf_dir_for_gguf(gguf: str | os.PathLike[str], cache_dir: str | os.PathLike[s
 
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model: Any = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, **_dtype_kw(torch.float32)
+            str(gguf.parent), gguf_file=gguf.name, **dtype_kwarg(torch.float32)
         )
+        _special_tokens_from_config(tok, model.config)
         # the weights are plain de-quantized tensors now; drop the GGUF marker that forbids saving
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -92,6 +98,20 @@ def hf_dir_for_gguf(gguf: str | os.PathLike[str], cache_dir: str | os.PathLike[s
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _special_tokens_from_config(tokenizer: Any, config: Any) -> None:
+    """Give the tokenizer the bos/eos/pad tokens the GGUF file names.
+
+    transformers' GGUF tokenizer converter for the llama architecture (4.45 up to 5.17; fixed in 5.18) takes eos from
+    the file's bos id and drops pad, so SmolLM2 would end turns with <|im_start|>; the model config, read from the
+    same file's tokenizer.ggml.*_token_id fields, has the right ids. A wrong eos stops generation at the wrong token,
+    lets the trainer's end-of-turn check pass on it, and is saved with every adapter.
+    """
+    for name in ("bos", "eos", "pad"):
+        tid = getattr(config, f"{name}_token_id", None)
+        if isinstance(tid, int) and 0 <= tid < len(tokenizer) and getattr(tokenizer, f"{name}_token_id") != tid:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(tid))
 
 
 class Transformers(LocalChatBackend):
@@ -194,7 +214,7 @@ class Transformers(LocalChatBackend):
         src = self.model_dir()
         try:
             tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-            model: Any = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, **_dtype_kw(dtype))
+            model: Any = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, **dtype_kwarg(dtype))
         except OSError as e:
             raise BackendError(
                 f"Transformers: cannot load {src} (no downloads here; give a local directory): {e}"

@@ -36,6 +36,17 @@ def test_gguf_conversion_is_made_once(smol_hf_dir: Path) -> None:
     assert time.perf_counter() - t0 < 2.0
 
 
+def test_gguf_conversion_keeps_the_files_special_tokens(smol_hf_dir: Path) -> None:
+    """SmolLM2's turns end with <|im_end|> (id 2). transformers up to 5.17 converted the GGUF tokenizer with eos set
+    to the file's bos (<|im_start|>) and no pad; the conversion takes all three from the file's ids instead."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer, config = AutoTokenizer.from_pretrained(smol_hf_dir), AutoConfig.from_pretrained(smol_hf_dir)
+    assert tokenizer.bos_token == "<|im_start|>" and tokenizer.bos_token_id == config.bos_token_id
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == config.eos_token_id
+    assert tokenizer.pad_token_id == config.pad_token_id
+
+
 def test_logprobs_batched_equal_one_at_a_time_and_full_logits(lm: Transformers) -> None:
     import torch
 

@@ -21,9 +21,9 @@ SMOL_TEMPLATE_NO_DEFAULT_SYSTEM = (
 
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
-    from thresher.trainer.model import bundled_gguf, resolve_model_dir
+    from thresher.trainer.model import BUNDLED, resolve_model_dir
 
-    return resolve_model_dir(str(bundled_gguf()))  # converted once, then cached under ~/.cache/thresher
+    return resolve_model_dir(BUNDLED)  # converted once, then cached under ~/.cache/thresher/hf-from-gguf
 
 
 @pytest.fixture(scope="module")

