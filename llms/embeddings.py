@@ -255,15 +255,12 @@ class OpenAIEmbeddings(_CachedEmbedder):
 
     def load(self) -> OpenAIEmbeddings:
         if self._client is None:
-            from thresher.llms.openai_compat import DEFAULT_BASE_URL, RemoteClient, _is_local
+            from thresher.llms.openai_compat import RemoteClient, resolve_api_key, resolve_base_url
 
-            url = (self.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-            key = self.api_key or os.environ.get(self.api_key_env) or None
-            if key is None and not _is_local(url) and "api.openai.com" in url:
-                raise ConfigError(f"OpenAIEmbeddings: no API key for {url}: set ${self.api_key_env} or pass api_key")
+            url = resolve_base_url(self.base_url)
             self._client = RemoteClient(
                 base_url=url,
-                api_key=key,
+                api_key=resolve_api_key(url, self.api_key, self.api_key_env, "OpenAIEmbeddings"),
                 max_concurrency=self.max_concurrency,
                 rpm=self.rpm,
                 tpm=self.tpm,

@@ -42,7 +42,7 @@ def dtype_kwarg(dtype: Any) -> dict[str, Any]:
     """The from_pretrained keyword for a dtype: transformers >= 4.56 takes `dtype=`, older releases `torch_dtype=`."""
     import transformers
 
-    major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0) for part in transformers.__version__.split(".")[:2])
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 

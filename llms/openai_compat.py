@@ -59,9 +59,18 @@ def _error_message(content: bytes) -> str:
     return " ".join(content[:300].decode("utf-8", "replace").split()) or "(empty body)"
 
 
-def _is_local(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    return host in ("127.0.0.1", "localhost", "::1", "0.0.0.0") or host.endswith(".local")
+def resolve_base_url(base_url: str | None) -> str:
+    """The endpoint: the argument, else $OPENAI_BASE_URL, else OpenAI's API."""
+    return (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+def resolve_api_key(url: str, api_key: str | None, api_key_env: str, who: str) -> str | None:
+    """The key for `url`: the argument, else the environment variable. Only OpenAI's own API is known to need one;
+    self-hosted servers (vLLM, llama.cpp) usually take none, so a missing key is an error there alone."""
+    key = api_key or os.environ.get(api_key_env) or None
+    if key is None and urlparse(url).hostname == "api.openai.com":
+        raise ConfigError(f"{who}: no API key for {url}: set ${api_key_env} or pass api_key")
+    return key
 
 
 def _proxied(url: str) -> bool:
@@ -315,19 +324,10 @@ class OpenAICompatible:
 
     @property
     def resolved_base_url(self) -> str:
-        return (self.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        return resolve_base_url(self.base_url)
 
     def _api_key(self) -> str | None:
-        key = self.api_key or os.environ.get(self.api_key_env) or None
-        if (
-            key is None
-            and not _is_local(self.resolved_base_url)
-            and urlparse(self.resolved_base_url).hostname == "api.openai.com"
-        ):
-            raise ConfigError(
-                f"OpenAICompatible: no API key for {self.resolved_base_url}: set ${self.api_key_env} or pass api_key"
-            )
-        return key
+        return resolve_api_key(self.resolved_base_url, self.api_key, self.api_key_env, "OpenAICompatible")
 
     def check_secrets(self) -> None:
         """Raise ConfigError now if a key is needed and absent (call before the first paid request)."""
