@@ -355,6 +355,7 @@ class Runner:
             self._write_manifest()
             t0 = time.perf_counter()
             try:
+                node.step.workdir_ = step_dir
                 node.step.load()
                 if isinstance(node.step, (RowStep, Filter)) and node.step.kind == "row":
                     self._run_row_step(node.name, node.step, node.parents, step_dir, rec)

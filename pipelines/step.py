@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -66,6 +67,11 @@ class Step:
     # filled by __init_subclass__ from the constructor signature
     _runtime_params: ClassVar[frozenset[str]] = frozenset()
     _secret_params: ClassVar[frozenset[str]] = frozenset()
+
+    #: The step's own folder in the run directory (`run_dir/steps/<name>-<fingerprint>/`), set by the runner before
+    #: `load()`; None when the step runs on its own. Files a step writes as a by-product (quarantined records, an
+    #: index) belong here, never beside its input, which may be read-only.
+    workdir_: Path | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
