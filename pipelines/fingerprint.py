@@ -52,6 +52,8 @@ def _canonical(value: Any, where: str) -> Any:
     if isinstance(value, (set, frozenset)):
         items = [_canonical(v, f"{where}{{}}") for v in value]
         return {"__set__": sorted(json.dumps(i, sort_keys=True) for i in items)}
+    if isinstance(value, type):  # before the checks below: a class has the methods its instances have
+        return _class_identity(value, where)
     if hasattr(value, "fingerprint") and hasattr(value, "get_params"):  # a nested step
         return {"__step__": value.fingerprint()}
     if hasattr(value, "model_dump") and callable(value.model_dump):  # pydantic model
@@ -63,8 +65,6 @@ def _canonical(value: Any, where: str) -> Any:
         }
     if isinstance(value, types.FunctionType):
         return {"__function__": _function_identity(value, where)}
-    if isinstance(value, type):
-        return {"__class__": f"{value.__module__}.{value.__qualname__}"}
     fp = getattr(value, "__thresher_fingerprint__", None)
     if callable(fp):
         return {"__custom__": fp()}
@@ -72,6 +72,26 @@ def _canonical(value: Any, where: str) -> Any:
         f"{where}: a value of type {type(value).__name__} cannot be fingerprinted; use plain data "
         "(str, numbers, lists, dicts, paths), or give the object a __thresher_fingerprint__() method"
     )
+
+
+def _class_identity(cls: type, where: str) -> Any:
+    """A pydantic model class by its JSON schema; any other class by module + qualname.
+
+    A schema is what a judge, tagger or rewriter asks the model for (`response_format=MyModel`), so editing a field,
+    a type or a description must re-run the step, while moving the class to another module need not. Validators
+    that leave no trace in the schema do not count: change the step's VERSION when one changes what is kept. Other
+    classes are taken by name only: editing such a class's code does not change the fingerprint.
+    """
+    schema = getattr(cls, "model_json_schema", None)
+    if callable(schema):
+        try:
+            doc = schema()
+        except Exception as e:  # pydantic raises several kinds (arbitrary types, unresolvable references)
+            raise FingerprintError(
+                f"{where}: pydantic model {cls.__qualname__} has no JSON schema, so it cannot be fingerprinted: {e}"
+            ) from e
+        return {"__schema__": _canonical(doc, f"{where} (schema of {cls.__qualname__})")}
+    return {"__class__": f"{cls.__module__}.{cls.__qualname__}"}
 
 
 def _function_identity(fn: types.FunctionType, where: str) -> Any:
@@ -98,7 +118,11 @@ def _function_identity(fn: types.FunctionType, where: str) -> Any:
 
 
 def stable_hash(value: Any, where: str = "value") -> str:
-    """Hex digest of a value's canonical form; raises FingerprintError for values without one."""
+    """Hex digest of a value's canonical form; raises FingerprintError for values without one.
+
+    Plain data hashes by value, functions by their code and closure, pydantic model classes by their JSON schema,
+    other classes by module + qualname, objects by `__thresher_fingerprint__()`.
+    """
     blob = json.dumps(_canonical(value, where), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
 
