@@ -97,24 +97,36 @@ def _class_identity(cls: type, where: str) -> Any:
 def _function_identity(fn: types.FunctionType, where: str) -> Any:
     """Hash a function by its code and what it closes over, not by its id (which changes every process)."""
     code = fn.__code__
-
-    def consts(c: types.CodeType) -> list[Any]:
-        out: list[Any] = []
-        for k in c.co_consts:
-            out.append(consts(k) if isinstance(k, types.CodeType) else repr(k))
-        return out
-
     closure = []
     for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
         closure.append([name, _canonical(cell.cell_contents, f"{where} (closure variable {name!r})")])
     return {
         "name": f"{fn.__module__}.{fn.__qualname__}",
-        "code": hashlib.blake2b(code.co_code, digest_size=16).hexdigest(),
-        "consts": consts(code),
-        "names": list(code.co_names),
+        **_code_identity(code),
         "closure": closure,
         "defaults": _canonical(list(fn.__defaults__ or ()), where),
+        "kwdefaults": _canonical(fn.__kwdefaults__ or {}, where),
     }
+
+
+def _code_identity(code: types.CodeType) -> dict[str, Any]:
+    """A code object's bytecode, constants and global names; nested code (inner functions, lambdas, comprehensions
+    before Python 3.12) is a constant of its parent and is hashed the same way, bytecode included."""
+    return {
+        "code": hashlib.blake2b(code.co_code, digest_size=16).hexdigest(),
+        "consts": [_const_identity(k) for k in code.co_consts],
+        "names": list(code.co_names),
+    }
+
+
+def _const_identity(k: Any) -> Any:
+    if isinstance(k, types.CodeType):
+        return _code_identity(k)
+    if isinstance(k, (set, frozenset)):  # `x in {...}` compiles to a frozenset: its repr's order is PYTHONHASHSEED's
+        return {"__set__": sorted(json.dumps(_const_identity(x), sort_keys=True) for x in k)}
+    if isinstance(k, tuple):  # may hold sets or code
+        return {"__tuple__": [_const_identity(x) for x in k]}
+    return repr(k)  # str, bytes, numbers, None, Ellipsis: reprs that do not depend on the process
 
 
 def stable_hash(value: Any, where: str = "value") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -88,3 +89,31 @@ def test_other_classes_are_fingerprinted_by_module_and_qualname() -> None:
     # a step class as a parameter (not an instance) must not be mistaken for a nested step
     assert Judged(response_format=Judged).fingerprint() != Judged(response_format=Verdict).fingerprint()
 
+
+
+_FUNCTION_SRC = """
+def score(text):
+    def bonus(n):
+        return n {op} 1
+    words = [w for w in text.split() if w in {{"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"}}]
+    return bonus(len(words))
+"""
+
+
+def _function_hash_in_subprocess(seed: str, op: str = "+") -> str:
+    code = (
+        "from thresher.pipelines.fingerprint import stable_hash\n"
+        f"ns = {{'__name__': 'scoring'}}\nexec({_FUNCTION_SRC.format(op=op)!r}, ns)\n"
+        "print(stable_hash(ns['score']))\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=REPO.parent)
+    return out.stdout.strip()
+
+
+def test_function_fingerprint_is_the_same_in_every_process_and_sees_nested_code() -> None:
+    # a set constant's order follows PYTHONHASHSEED; its fingerprint must not
+    hashes = {_function_hash_in_subprocess(seed) for seed in ("1", "2", "3", "4")}
+    assert len(hashes) == 1, hashes
+    # a change of bytecode inside the nested function (same constants, same names) changes the fingerprint
+    assert _function_hash_in_subprocess("1", op="-") not in hashes
