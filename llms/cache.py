@@ -49,14 +49,33 @@ _LOOKUP_CHUNK = 500  # keys per SELECT ... IN (...): well under SQLite's variabl
 def request_key(*parts: Any) -> str:
     """Stable hex key of JSON-able request parts (dict keys sorted, floats as written by json).
 
+    Numbers are keyed as JSON means them, which is how a server reads them: an integral float is its int
+    (`temperature=1.0` and `1` are one request; `-0.0` is `0`), bools stay apart from ints. Only integral floats are
+    rewritten, so the key of a request without one is what it always was.
+
     A part that is not plain JSON data is an error, never a `str()` of it: a key that changed from run to run would
     silently pay for every request again.
     """
     try:
-        blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        blob = json.dumps(_json_numbers(parts), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"request cache: a request part is not plain JSON data, so it has no stable key: {e}") from e
     return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _json_numbers(v: Any) -> Any:
+    """`v` with every integral float turned into its int (bools are not floats, so they stay as they are)."""
+    # exact type checks first: this runs on every request, and message text is most of what it walks
+    t = type(v)
+    if t is str or t is int or v is None or t is bool:
+        return v
+    if t is dict or isinstance(v, dict):
+        return {k: x if type(x) is str else _json_numbers(x) for k, x in v.items()}
+    if t is list or t is tuple or isinstance(v, (list, tuple)):
+        return [x if type(x) is str else _json_numbers(x) for x in v]
+    if isinstance(v, float):
+        return int(v) if v.is_integer() else v  # nan and inf are not integral: json writes them as before
+    return v
 
 
 def cache_disabled_by_env() -> bool:
