@@ -44,8 +44,39 @@ class LengthFilter(Filter):
         return ok, reasons
 
 
+# Python `re` syntax RE2 lacks, as RE2's message shows it (or as the pattern has it), and what to call it
+_RE2_UNSUPPORTED = (
+    ("(?<=", "lookbehind (?<=...)"),
+    ("(?<!", "negative lookbehind (?<!...)"),
+    ("(?=", "lookahead (?=...)"),
+    ("(?!", "negative lookahead (?!...)"),
+    ("(?>", "atomic group (?>...)"),
+    ("(?#", "comment group (?#...)"),
+    ("(?P=", "named backreference (?P=name)"),
+    ("(?(", "conditional group (?(id)yes|no)"),
+)
+
+
+def _re2_unsupported(pattern: str, re2_message: str) -> str | None:
+    """Name the construct RE2 refused, when it is one Python's `re` knows; None when RE2's message says it all."""
+    for text, name in _RE2_UNSUPPORTED:
+        # RE2 quotes "(?P" for a named backreference: the pattern tells which
+        if text in re2_message or (text.startswith("(?P") and text in pattern):
+            return name
+    if m := re.search(r"invalid escape sequence: (\\[1-9])", re2_message):
+        return f"backreference {m.group(1)}"
+    if "invalid escape sequence: \\Z" in re2_message:
+        return "\\Z (RE2 writes it \\z)"
+    if "bad repetition operator" in re2_message and re.search(r"[*+?}]\+", pattern):
+        return "possessive quantifier (*+, ++, ?+)"
+    return None
+
+
 class RegexFilter(Filter):
-    """Drop rows whose `field` matches `pattern` (or, with `keep_matching=True`, rows that do not)."""
+    """Drop rows whose `field` matches `pattern` (or, with `keep_matching=True`, rows that do not).
+
+    `pattern` is RE2 syntax (pyarrow runs it), not Python's `re`: no lookaround or backreferences, but linear time.
+    """
 
     inputs = ("output",)
     VERSION = "1"
@@ -66,10 +97,18 @@ class RegexFilter(Filter):
         return (self.field,)
 
     def check(self) -> None:
+        # validated by the engine that runs it: RE2 (pyarrow) rejects some of Python's syntax and accepts some
+        # Python rejects. An empty array compiles nothing, hence one empty string.
         try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ConfigError(f"RegexFilter: pattern {self.pattern!r} is not a valid regular expression: {e}") from e
+            pc.match_substring_regex(pa.array([""], pa.string()), self.pattern, ignore_case=self.ignore_case)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+            said = str(e).removeprefix("Invalid regular expression: ")
+            construct = _re2_unsupported(self.pattern, said)
+            why = f"{construct} is not supported by RE2 (no lookaround, backreferences or atomic groups); " if construct else ""
+            raise ConfigError(
+                f"RegexFilter: pattern {self.pattern!r} is not a valid regular expression in RE2 syntax, the engine "
+                f"that runs it (pyarrow.compute, https://github.com/google/re2/wiki/Syntax): {why}RE2 says: {said}"
+            ) from e
 
     def keep(self, batch: pa.Table) -> tuple[Any, str]:
         hit = pc.fill_null(pc.match_substring_regex(batch.column(self.field), self.pattern, ignore_case=self.ignore_case), False)
