@@ -81,7 +81,7 @@ def _peek_json_array(path: Path) -> list[Any]:
                 pos += 1
             try:
                 value, pos = decoder.raw_decode(body, pos)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # nested too deep: the reader names the record
                 break
             recs.append(value)
         if recs or n >= size:

@@ -165,6 +165,48 @@ class _Bad(Exception):
         self.field, self.reason = field, reason
 
 
+#: How deep a field's value may nest lists and objects ([] is 1 level, [[1]] 2). Far beyond real records, and
+#: within what every road a record takes can carry: Parquet (the run directory's shards) reads back 49 levels of
+#: lists at most, orjson writes 254, and Python walks nested values by recursion (1,000 frames).
+MAX_NESTING_DEPTH = 32
+
+
+def nesting_depth(value: Any) -> int:
+    """How many levels of lists and objects `value` nests: a scalar 0, [] or {} 1, [[1]] 2 (without recursion)."""
+    if not isinstance(value, (list, tuple, dict)):
+        return 0
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        for c in v.values() if isinstance(v, dict) else v:
+            if isinstance(c, (list, tuple, dict)):
+                stack.append((c, d + 1))
+    return deepest
+
+
+def type_depth(t: pa.DataType) -> int:
+    """`nesting_depth` of the values an Arrow type can hold at most (lists, structs and maps are a level each)."""
+    deepest = 0
+    stack = [(t, 0)]
+    while stack:
+        t, d = stack.pop()
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            stack.append((t.value_type, d + 1))
+        elif pa.types.is_struct(t):
+            stack.extend((t.field(k).type, d + 1) for k in range(t.num_fields))
+        elif pa.types.is_map(t):
+            stack.extend(((t.key_type, d + 1), (t.item_type, d + 1)))
+        deepest = max(deepest, d)
+    return deepest
+
+
+def too_deep(depth: int) -> str:
+    """The reason a value nested `depth` levels is a bad record."""
+    return f"nested {depth:,} levels deep (lists and objects); a value may nest at most {MAX_NESTING_DEPTH} levels"
+
+
 def describe(value: Any) -> str:
     """A short description of a wrong value for error messages: its JSON kind and a clipped repr."""
     if value is MISSING:
@@ -597,11 +639,14 @@ class _Reader:
         names = extra_columns(f.columns, self.layout)
         for name in names:
             col = f.columns[name]
+            if not isinstance(col, list) and type_depth(col.type) > MAX_NESTING_DEPTH:
+                col = col.to_pylist()  # rebuilt from the rows kept, it gets a type only as deep as they are
             if isinstance(col, list):
                 values = [None if v is MISSING else v for v in col]
                 if f.from_text:
                     values = _infer_text_column(values)
                 self._check_long_list(name, values)
+                self._check_depth(name, values)
                 out[name] = values
             else:
                 if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
@@ -617,6 +662,13 @@ class _Reader:
         for i, v in enumerate(values):
             if type(v) is str and len(v) > self.max and i not in self.bad:
                 self.mark(i, name, self.long_reason(v))
+
+    def _check_depth(self, name: str, values: list[Any]) -> None:
+        for i, v in enumerate(values):
+            if isinstance(v, (list, dict)) and i not in self.bad:
+                depth = nesting_depth(v)
+                if depth > MAX_NESTING_DEPTH:
+                    self.mark(i, name, too_deep(depth))
 
     def _check_long_arrow(self, name: str, col: pa.ChunkedArray | pa.Array) -> None:
         if self.max is None or not len(col):

@@ -1,8 +1,10 @@
 """File formats: load JSON, JSONL, Parquet, CSV and HF datasets into a Frame, and say where each record came from.
 
 Clean files take the fast road: orjson for JSON and JSONL, pyarrow for Parquet and CSV. Only when that fails (a
-malformed or truncated JSON file, bytes that are not UTF-8, a CSV row with the wrong number of cells) do we go
-record by record to find the line or row, so a bad record costs time only in the file that has one.
+malformed or truncated JSON file, bytes that are not UTF-8, a CSV row with the wrong number of cells, values nested
+deeper than a record may hold) do we go record by record to find the line or row, so a bad record costs time only
+in the file that has one. The stdlib parser of that road recurses; a record too deep for it is measured without
+recursion and becomes a bad record like any other (MAX_NESTING_DEPTH).
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from thresher.data.layouts import MISSING, Frame, Problem, describe
+from thresher.data.layouts import (
+    MAX_NESTING_DEPTH,
+    MISSING,
+    Frame,
+    Problem,
+    describe,
+    nesting_depth,
+    too_deep,
+    type_depth,
+)
 from thresher.errors import ConfigError, RecordError
 
 FILE_FORMATS: tuple[str, ...] = ("json", "jsonl", "parquet", "csv", "hf")
@@ -38,6 +49,8 @@ _JSON_BLOCK = 16 << 20
 _WS = re.compile(r"[ \t\n\r]*")
 _KEY = re.compile(r'"((?:[^"\\\n]|\\.){1,200})"\s*:')
 _NEXT_RECORD = re.compile(r"\}\s*,\s*(?=\{)")
+# what _extent counts: whole strings (brackets in them do not count; group 1: a key) and brackets
+_JSON_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"(?=\s*:)|"(?:[^"\\]|\\.)*"|[\[\]{}]')
 # keys under which a JSON object commonly holds its list of records, in order of preference
 _LIST_KEYS = ("data", "train", "examples", "records", "rows", "instances", "items")
 # top-level keys that make a JSON object one record rather than a holder of records
@@ -117,6 +130,46 @@ def _key_before(text: str, pos: int) -> str | None:
     return keys[-1] if keys else None
 
 
+def _extent(text: str, pos: int) -> tuple[int, int, str | None]:
+    """(end, depth, field) of the JSON array or object at text[pos], found without parsing or recursion: the
+    position after it (-1 when the text ends first), how many levels it nests, and for an object, the key of its
+    deepest field."""
+    depth = deepest = 0
+    key = field = None
+    for m in _JSON_TOKEN.finditer(text, pos):
+        c = m.group()
+        if c == "[" or c == "{":
+            depth += 1
+            if depth > deepest:
+                deepest, field = depth, key
+        elif c == "]" or c == "}":
+            depth -= 1
+            if depth == 0:
+                return m.end(), deepest, field
+        elif depth == 1 and m.group(1) is not None:
+            key = m.group(1)
+    return -1, deepest, field
+
+
+def _too_deep_text(text: str, pos: int, may_be_truncated: bool) -> tuple[int, Problem]:
+    """The end and the Problem of a record at text[pos] the stdlib parser could not follow (RecursionError)."""
+    end, depth, field = _extent(text, pos)
+    if end < 0 and may_be_truncated:
+        return len(text), Problem(field, "the file ends in the middle of this record", True)
+    # an object's own braces are a level: its fields nest one less
+    return (len(text) if end < 0 else end), Problem(field, too_deep(depth - 1 if field is not None else depth))
+
+
+def _deep_field(value: dict[str, Any]) -> Problem | None:
+    """A record's first field nested deeper than MAX_NESTING_DEPTH (checked before any recursive walk of it)."""
+    for k, v in value.items():
+        if isinstance(v, (list, dict)):
+            depth = nesting_depth(v)
+            if depth > MAX_NESTING_DEPTH:
+                return Problem(str(k), too_deep(depth))
+    return None
+
+
 def _surrogate_path(value: Any, where: str = "") -> str | None:
     """Dotted path of the first string holding an unpaired surrogate (text that was not valid UTF-8)."""
     if isinstance(value, str):
@@ -153,8 +206,13 @@ def _diagnose_line(raw: bytes, *, may_be_truncated: bool) -> tuple[Any, Problem 
         if may_be_truncated and (e.pos >= stripped or e.msg.startswith("Unterminated string")):
             return None, Problem(_key_before(text, e.pos), "the file ends in the middle of this record", True)
         return None, Problem(_key_before(text, e.pos), f"not valid JSON: {e.msg} (column {e.colno})")
+    except RecursionError:  # nested deeper than orjson's 1,024 levels and the stdlib's stack
+        return None, _too_deep_text(text, len(text) - len(text.lstrip()), may_be_truncated)[1]
     if not isinstance(value, dict):
         return None, Problem(None, f"expected a JSON object, found {describe(value)}")
+    deep = _deep_field(value)
+    if deep is not None:
+        return None, deep
     where = _surrogate_path(value)
     if where is not None:
         what = "bytes that are not valid UTF-8" if bad_utf8 else "an unpaired surrogate escape (not valid Unicode)"
@@ -163,13 +221,18 @@ def _diagnose_line(raw: bytes, *, may_be_truncated: bool) -> tuple[Any, Problem 
 
 
 def _inferred_ok(t: pa.DataType) -> bool:
-    """Types pyarrow's JSON reader may infer that still read back as the same JSON (no timestamps from text)."""
+    """Types pyarrow's JSON reader may infer that still read back as the same JSON (no timestamps from text), and
+    no deeper than a record may hold (deeper ones take the record-by-record road, which names the record)."""
+    return type_depth(t) <= MAX_NESTING_DEPTH and _inferred_ok_types(t)
+
+
+def _inferred_ok_types(t: pa.DataType) -> bool:
     if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_time(t) or pa.types.is_decimal(t):
         return False
     if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return _inferred_ok(t.value_type)
+        return _inferred_ok_types(t.value_type)
     if pa.types.is_struct(t):
-        return all(_inferred_ok(t.field(i).type) for i in range(t.num_fields))
+        return all(_inferred_ok_types(t.field(i).type) for i in range(t.num_fields))
     return True
 
 
@@ -316,6 +379,12 @@ class _Scan:
             start = pos
             try:
                 value, pos = self.decoder.raw_decode(text, pos)
+            except RecursionError:  # deeper than the stdlib parser's stack: measured without parsing
+                pos, problem = _too_deep_text(text, start, True)
+                self._add({}, start, pos, problem)
+                if problem.truncated:
+                    self.truncated = True
+                    return end
             except json.JSONDecodeError as e:
                 if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
                     self._truncated(start, e.pos)
@@ -326,7 +395,8 @@ class _Scan:
                     return end
                 pos = nxt[1]
                 continue
-            self._add_value(value, start, pos)
+            else:
+                self._add_value(value, start, pos)
             pos = self.ws(pos)
             if pos >= end:
                 self._truncated(pos, pos)
@@ -355,6 +425,8 @@ class _Scan:
         problem = None
         if not isinstance(value, dict):
             problem, value = Problem(None, f"expected a JSON object, found {describe(value)}"), {}
+        elif (deep := _deep_field(value)) is not None:
+            problem, value = deep, {}
         elif self.bad_utf8 or "\\ud" in self.text[start:stop].lower():
             where = _surrogate_path(value)
             if where is not None:
@@ -418,6 +490,11 @@ class _Scan:
                     _, pos = self.decoder.raw_decode(text, pos)
                 except json.JSONDecodeError as e:
                     raise self._object_error(e) from None
+                except RecursionError:  # a deep value beside the records: step over it, it is not read
+                    stop = _extent(text, pos)[0]
+                    if stop < 0:
+                        raise self._object_error(None, end, "the file ends before the JSON object closes") from None
+                    pos = stop
             pos = self.ws(pos)
             if pos < end and text[pos] == ",":
                 pos = self.ws(pos + 1)

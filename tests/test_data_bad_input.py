@@ -324,3 +324,98 @@ def test_type_clash_blames_the_odd_row_out_not_the_many(tmp_path: Path) -> None:
     report = read_records_report(path, on_bad_record="skip")
     assert (report.kept, report.skipped) == (299, 1)
     assert report.table.column("score").to_pylist() == list(range(1, 300))
+
+
+# ---- values nested too deep (defect 9: a RecursionError traceback instead of the reader's error) -------------
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_json_document_is_a_record_error_not_a_recursion_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text(_nested(5000))  # the records array, holding one list nested 4,999 levels
+    with pytest.raises(RecordError) as info:
+        read_records(path)
+    assert (info.value.path, info.value.line) == (str(path), 1)
+    assert "nested 4,999 levels deep" in str(info.value) and "at most 32 levels" in str(info.value)
+    report = read_records_report(path, on_bad_record="skip")
+    assert (report.read, report.kept, report.skipped) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.parametrize("depth", [33, 600, 5000])  # past our limit; past the stdlib's stack; past orjson's 1,024
+def test_one_deep_value_is_a_bad_record_naming_line_and_field(tmp_path: Path, suffix: str, depth: int) -> None:
+    deep = '{"instruction": "x", "tree": ' + _nested(depth) + "}"
+    path = tmp_path / f"deep{suffix}"
+    if suffix == ".json":
+        path.write_text("[\n" + GOOD + ",\n" + deep + ",\n" + _good(3) + "\n]\n")
+    else:
+        write_lines(path, [GOOD, deep, _good(3)])
+    line = 3 if suffix == ".json" else 2
+    with pytest.raises(RecordError) as info:
+        read_records(path)
+    assert (info.value.line, info.value.field) == (line, "tree")
+    assert f"nested {depth:,} levels deep (lists and objects); a value may nest at most 32 levels" in str(info.value)
+    q = tmp_path / "q.jsonl"
+    report = read_records_report(path, on_bad_record="quarantine", quarantine_path=q)
+    assert (report.read, report.kept, report.quarantined) == (3, 2, 1)
+    assert report.table.column("instruction").to_pylist() == ["Say hi.", "Task 3"]
+    [entry] = _quarantine(q)
+    assert entry["line"] == line and entry["field"] == "tree" and entry["raw"].startswith('{"instruction": "x"')
+
+
+def test_values_up_to_the_limit_are_read_and_go_to_parquet(tmp_path: Path) -> None:
+    from thresher.data.layouts import MAX_NESTING_DEPTH
+
+    value = orjson.loads(_nested(MAX_NESTING_DEPTH))
+    path = write_lines(tmp_path / "ok.jsonl", [orjson.dumps({"instruction": "x", "tree": value}).decode()])
+    table = read_records(path)
+    assert table.column("tree").to_pylist() == [value]
+    pq.write_table(table, tmp_path / "ok.parquet")  # the run directory's format holds it
+    assert pq.read_table(tmp_path / "ok.parquet").column("tree").to_pylist() == [value]
+
+
+def test_deep_value_in_a_conversation_message(tmp_path: Path) -> None:
+    deep = '{"conversations": [{"from": "human", "value": "hi", "meta": ' + _nested(3000) + "}]}"
+    path = write_lines(tmp_path / "conv.jsonl", [deep])
+    with pytest.raises(RecordError, match=r"line 1, field 'conversations': nested 3,002 levels deep"):
+        read_records(path)
+
+
+def test_deep_value_beside_the_records_list_is_stepped_over(tmp_path: Path) -> None:
+    path = tmp_path / "holder.json"
+    path.write_text('{"meta": ' + _nested(5000) + ', "data": [' + GOOD + "]}")
+    assert read_records(path).column("instruction").to_pylist() == ["Say hi."]
+
+
+def test_deep_arrow_column_is_a_bad_row_and_the_kept_rows_get_a_shallow_type(tmp_path: Path) -> None:
+    from thresher.data import records_to_table
+
+    deep: Any = 1
+    for _ in range(40):
+        deep = [deep]
+    rows = [{"instruction": "a", "tree": None}, {"instruction": "b", "tree": deep}]
+    with pytest.raises(RecordError, match=r"row 2, field 'tree': nested 40 levels deep"):
+        records_to_table(pa.table({"instruction": ["a", "b"], "tree": pa.array([None, deep])}))
+    with pytest.raises(RecordError, match=r"row 2, field 'tree': nested 40 levels deep"):
+        records_to_table(rows)
+    # an HF dataset (Arrow IPC) can hold what Parquet cannot: the reader leaves the row out, not the whole file
+    from thresher.data.readers import _finish
+    from thresher.data.sources import Source, _arrow_frame
+
+    arrow = _arrow_frame(pa.table({"instruction": ["a", "b"], "tree": pa.array([None, deep])}))
+    report = _finish(Source(tmp_path / "deep", "hf", arrow, row_based=True), "alpaca", "skip", None, None)
+    assert (report.kept, report.skipped) == (1, 1)
+    assert report.table.schema.field("tree").type == pa.null()  # not the 40-level type of the row left out
+
+
+def test_peeking_at_a_deep_json_file_does_not_crash(tmp_path: Path) -> None:
+    from thresher.data import Load
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" + GOOD + ", " + '{"instruction": "x", "tree": ' + _nested(5000) + "}]")
+    step = Load(path=str(path), on_bad_record="skip")
+    assert "instruction" in step.output_columns([])
+    assert step().num_rows == 1
