@@ -32,6 +32,16 @@ from thresher.pipelines import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # open_run pulls in the runner (pyarrow.parquet): loaded on first use, so `import thresher` stays fast
+    if name == "open_run":
+        from thresher.pipelines.runner import open_run
+
+        return open_run
+    raise AttributeError(f"module 'thresher' has no attribute {name!r}")
+
+
 __all__ = [
     "AccountingError",
     "BackendError",
@@ -50,6 +60,7 @@ __all__ = [
     "ThresherError",
     "TruncatedFileError",
     "__version__",
+    "open_run",
     "runtime",
     "secret",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from thresher.errors import ConfigError
+from thresher.pipelines.model_step import ModelStep
 from thresher.pipelines.params import runtime, secret
 from thresher.pipelines.step import RowStep
 
@@ -25,26 +26,14 @@ def _text(v: Any) -> str:
 def row_messages(
     instruction: Any, input_: Any = None, system: Any = None, history: Any = None, *, system_prompt: str | None = None
 ) -> list[dict[str, str]]:
-    """The chat messages for one alpaca-layout row (shared by every step that asks a model about a row)."""
-    msgs: list[dict[str, str]] = []
-    sys_text = _text(system) or (system_prompt or "")
-    if sys_text:
-        msgs.append({"role": "system", "content": sys_text})
-    for turn in history or []:
-        if isinstance(turn, Mapping):
-            turn = [turn.get("user", turn.get("0")), turn.get("assistant", turn.get("1"))]
-        if not isinstance(turn, (list, tuple)) or len(turn) != 2:
-            raise ValueError(f"history turns must be [user, assistant] pairs, got {turn!r}")
-        msgs.append({"role": "user", "content": _text(turn[0])})
-        msgs.append({"role": "assistant", "content": _text(turn[1])})
-    user = _text(instruction)
-    if _text(input_):
-        user = f"{user}\n{_text(input_)}"
-    msgs.append({"role": "user", "content": user})
-    return msgs
+    """The chat messages for one alpaca-layout row: `thresher.data.messages.row_messages`, the one mapping that
+    Respond, the trainer and the writers share (a null, empty or whitespace-only system gives no system message)."""
+    from thresher.data.messages import row_messages as shared
+
+    return shared(instruction, input_, system, history, system_prompt=system_prompt)
 
 
-class Respond(RowStep):
+class Respond(ModelStep, RowStep):
     """Answer each row's instruction with a chat model and write the answer to `output`.
 
     backend: a spec dict (`{kind: openai, base_url: ..., model: ...}`, `{kind: llama_cpp}`, see
@@ -86,53 +75,16 @@ class Respond(RowStep):
         self.max_concurrency = max_concurrency
         self.cache = cache
         self.progress = progress
-        self.backend_: Any = None
-
-    def semantic_params(self) -> dict[str, Any]:
-        # the backend counts by what answers (kind, model, weights), not by where it runs or how fast
-        from thresher.llms.config import spec_identity
-
-        params = super().semantic_params()
-        params["backend"] = spec_identity(self.backend)
-        return params
-
-    def _make_backend(self) -> Any:
-        from thresher.llms.config import make_backend
-
-        return make_backend(
-            self.backend,
-            api_key=self.api_key,
-            max_concurrency=self.max_concurrency,
-            cache=self.cache,
-            progress=self.progress,
-        )
 
     def check(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"Respond: max_tokens must be >= 1, got {self.max_tokens}")
         if self.batch_size < 1:
             raise ConfigError(f"Respond: batch_size must be >= 1, got {self.batch_size}")
-        backend = self._make_backend()
-        if not callable(getattr(backend, "chat", None)):
-            raise ConfigError(f"Respond: backend {backend!r} has no chat() method")
-        check_secrets = getattr(backend, "check_secrets", None)
-        if callable(check_secrets):
-            check_secrets()
-
-    def load(self) -> None:
-        if self.backend_ is None:
-            self.backend_ = self._make_backend()
-            load = getattr(self.backend_, "load", None)
-            if callable(load):
-                load()
-
-    def batches_in_flight(self) -> int:
-        # A remote server: two batches at once keep its request window full across batch boundaries (the
-        # backend's max_concurrency still bounds requests in flight). In-process models answer one at a time.
-        return 2 if getattr(self.backend_, "kind", None) == "openai" else 1
+        super().check()
 
     def map_batch(self, batch: pa.Table) -> dict[str, Any]:
-        self.load()
+        backend = self.model()
         n = batch.num_rows
         cols = batch.column_names
         instr = batch.column("instruction").to_pylist()
@@ -148,14 +100,13 @@ class Respond(RowStep):
         for i in range(n):
             if self.only_missing and old[i] not in (None, ""):
                 continue
-            name = f"row id={ids[i]!r}" if ids is not None else f"row {i} of the batch"
             if not _text(instr[i]).strip():
-                errors[i] = f"{name}: the instruction is empty"
+                errors[i] = f"{self.row_name(ids, i)}: the instruction is empty"
                 continue
             try:
                 convs.append(row_messages(instr[i], inp[i], system[i], history[i], system_prompt=self.system_prompt))
             except ValueError as e:
-                errors[i] = f"{name}: {e}"
+                errors[i] = f"{self.row_name(ids, i)}: {e}"
                 continue
             todo.append(i)
         params: dict[str, Any] = {"max_tokens": self.max_tokens}
@@ -163,15 +114,10 @@ class Respond(RowStep):
             v = getattr(self, k)
             if v is not None:
                 params[k] = v
-        results = self.backend_.chat(convs, **params) if convs else []
+        results = backend.chat(convs, **params) if convs else []
         for i, res in zip(todo, results, strict=True):
             if res.error is not None:
-                name = f"row id={ids[i]!r}" if ids is not None else f"row {i} of the batch"
-                errors[i] = f"{name}: {res.error}"
+                errors[i] = f"{self.row_name(ids, i)}: {res.error}"
             else:
                 outputs[i] = res.text
         return {"output": pa.array(outputs, type=pa.string()), "error": errors}
-
-    def metrics(self) -> dict[str, Any]:
-        usage = getattr(self.backend_, "usage", None)
-        return usage.as_dict() if usage is not None else {}

@@ -89,6 +89,13 @@ class Usage:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
+    def copy(self) -> Usage:
+        return Usage(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def since(self, before: Usage) -> Usage:
+        """What was done after `before` (a `copy()` taken earlier) was taken."""
+        return Usage(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
+
     def as_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["cost_usd"] = round(self.cost_usd, 6)
@@ -128,16 +135,30 @@ class EmbeddingBackend(Protocol):
 
 @runtime_checkable
 class LogprobBackend(Protocol):
-    """Scores given text under a model (IFD, DEITA, expected judge scores)."""
+    """Scores given text under a model (IFD, DEITA, expected judge scores).
+
+    Texts are rendered already (a chat template applied, its BOS included when it writes one); a backend tokenizes
+    prefix + continuation as one text, as its trainer would, adding no special token but the tokenizer's BOS where
+    the text lacks it, and scores the tokens that start inside the continuation.
+    """
 
     def logprobs(
-        self, prefixes: Sequence[str], continuations: Sequence[str], *, max_continuation_tokens: int | None = None
+        self,
+        prefixes: Sequence[str],
+        continuations: Sequence[str],
+        *,
+        max_continuation_tokens: int | Sequence[int | None] | None = None,
     ) -> list[TokenLogprobs]:
-        """Per-token log-probabilities of each continuation given its prefix ("" = unconditioned)."""
+        """Per-token log-probabilities of each continuation given its prefix ("" = unconditioned: from the BOS
+        alone, or with no score for the first token when the tokenizer has no BOS). `max_continuation_tokens`, one
+        budget or one per pair, cuts continuations to that many tokens (`truncated=True`). IFD's unconditioned
+        prefix is the template's response header, not "" (`Transformers.answer_texts`)."""
         ...
 
     def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> list[dict[str, float]]:
-        """For each prompt, the log-probability of each candidate's first token as the next token."""
+        """For each prompt, the log-probability that it goes on with each candidate, scored whole: the sum over the
+        candidate's tokens (for a one-token candidate, the next-token log-probability). Candidates are appended as
+        written: a leading space is part of the candidate."""
         ...
 
     def identity(self) -> dict[str, Any]: ...

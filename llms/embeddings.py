@@ -48,6 +48,8 @@ class _CachedEmbedder:
         raise NotImplementedError
 
     _stores_own = False
+    #: texts computed between two writes to the request cache (backends that store their own parts ignore it)
+    store_every = 4096
 
     def _store(self, keys: list[str], vectors: np.ndarray) -> None:
         import numpy as np
@@ -84,19 +86,26 @@ class _CachedEmbedder:
                 todo[k] = t
         self.usage.cache_misses += len(todo)
         if todo:
-            try:
-                computed = self._compute(list(todo.values()), list(todo))
-                if not self._stores_own:  # those normalise (and store) as parts arrive
-                    computed = _normalise(computed)
-            finally:
-                if cache is not None:
-                    cache.flush()
-            for k, v in zip(todo, computed, strict=True):
-                vecs[k] = v
-            if not self._stores_own:
-                self._store(list(todo), computed)
-                if cache is not None:
-                    cache.flush()
+            if self._stores_own:  # those normalise and store each part as it arrives
+                try:
+                    computed = self._compute(list(todo.values()), list(todo))
+                finally:
+                    if cache is not None:
+                        cache.flush()
+                for k, v in zip(todo, computed, strict=True):
+                    vecs[k] = v
+            else:
+                # Longest first, in chunks stored as each is done: a step embedding a million rows that dies
+                # half-way finds the first half in the cache when it runs again.
+                items = sorted(todo.items(), key=lambda kv: -len(kv[1]))
+                for a in range(0, len(items), self.store_every):
+                    part = items[a : a + self.store_every]
+                    computed = _normalise(self._compute([t for _, t in part], [k for k, _ in part]))
+                    for (k, _), v in zip(part, computed, strict=True):
+                        vecs[k] = v
+                    self._store([k for k, _ in part], computed)
+                    if cache is not None:
+                        cache.flush()
         if not texts:
             return np.zeros((0, int(getattr(self, "dim", 0) or 0)), dtype=np.float32)
         return np.stack([vecs[k] for k in keys]).astype(np.float32, copy=False)
@@ -175,6 +184,10 @@ class SentenceTransformerEmbeddings(_CachedEmbedder):
             self.dim = int(get_dim())
             self._cache = resolve_cache(self.cache)
         return self
+
+    def close(self) -> None:
+        """Let go of the model (load() brings it back)."""
+        self.model_ = None
 
     def _compute(self, texts: list[str], keys: list[str]) -> np.ndarray:
         # longest first: batches of similar length waste less padding

@@ -8,6 +8,7 @@ and `failed_by`/`error`, checks declared columns, and balances in = out + reject
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -24,7 +25,9 @@ from thresher.pipelines.step import (
     FAILED_BY_COLUMN,
     REASON_COLUMN,
     REJECTED_BY_COLUMN,
+    Checkpoint,
     Filter,
+    GeneratedBatch,
     Generator,
     GlobalFilter,
     GlobalStep,
@@ -134,17 +137,43 @@ def _with_label(table: pa.Table, by_col: str, by: str, text_col: str, text: pa.A
     return table.append_column(text_col, text.cast(pa.string()) if len(text) else pa.array([], type=pa.string()))
 
 
+def _split_failed(name: str, table: pa.Table, errors: Any) -> tuple[pa.Table, pa.Table | None, pa.Array | None]:
+    """Rows with an error message leave through `failed`; returns (the others, failed rows, mask of the others)."""
+    err = _as_array(errors, table.num_rows, name, ERROR_COLUMN)
+    if err.null_count == len(err):
+        return table, None, None
+    bad = pc.is_valid(err)
+    if isinstance(bad, pa.ChunkedArray):
+        bad = bad.combine_chunks()
+    text = err.filter(bad)
+    if isinstance(text, pa.ChunkedArray):
+        text = text.combine_chunks()
+    ok = pc.invert(bad)
+    return table.filter(ok), _with_label(table.filter(bad), FAILED_BY_COLUMN, name, ERROR_COLUMN, text), ok
+
+
 def apply_filter(step: Filter, name: str, table: pa.Table) -> BatchOutput:
+    """One batch through a filter. An `error` entry among keep()'s new columns fails single rows (a filter that asks
+    a model and got no answer for a row): they leave through `failed`, whatever the mask says."""
     result = step.keep(table)
     if not isinstance(result, tuple) or len(result) not in (2, 3):
         raise StepError(f"filter {name!r}: keep() must return (mask, reasons) or (mask, reasons, columns)")
     mask = _mask(result[0], table.num_rows, name)
     reasons = result[1]
+    failed = None
     if len(result) == 3 and result[2]:
-        table = _set_columns(step, name, table, result[2])
+        columns = dict(result[2])
+        errors = columns.pop(ERROR_COLUMN, None)
+        table = _set_columns(step, name, table, columns)
+        if errors is not None:
+            table, failed, ok = _split_failed(name, table, errors)
+            if ok is not None:
+                mask = mask.filter(ok)
+                if not isinstance(reasons, str):
+                    reasons = _as_array(reasons, len(ok), name, REASON_COLUMN).filter(ok)
     n_drop = len(mask) - pc.sum(mask).as_py() if len(mask) else 0
     if n_drop == 0:
-        return BatchOutput(table, None, None)
+        return BatchOutput(table, None, failed)
     drop = pc.invert(mask)
     rejected = table.filter(drop)
     if isinstance(reasons, str):
@@ -154,7 +183,7 @@ def apply_filter(step: Filter, name: str, table: pa.Table) -> BatchOutput:
         text = all_reasons.filter(drop)
         if isinstance(text, pa.ChunkedArray):
             text = text.combine_chunks()
-    return BatchOutput(table.filter(mask), _with_label(rejected, REJECTED_BY_COLUMN, name, REASON_COLUMN, text), None)
+    return BatchOutput(table.filter(mask), _with_label(rejected, REJECTED_BY_COLUMN, name, REASON_COLUMN, text), failed)
 
 
 def apply_map(step: RowStep, name: str, table: pa.Table) -> BatchOutput:
@@ -163,17 +192,65 @@ def apply_map(step: RowStep, name: str, table: pa.Table) -> BatchOutput:
     table = _set_columns(step, name, table, columns)
     if errors is None:
         return BatchOutput(table, None, None)
-    err = _as_array(errors, table.num_rows, name, ERROR_COLUMN)
-    if err.null_count == len(err):
-        return BatchOutput(table, None, None)
-    bad = pc.is_valid(err)
-    failed = table.filter(bad)
-    text = err.filter(bad)
-    if isinstance(text, pa.ChunkedArray):
-        text = text.combine_chunks()
-    return BatchOutput(
-        table.filter(pc.invert(bad)), None, _with_label(failed, FAILED_BY_COLUMN, name, ERROR_COLUMN, text)
-    )
+    table, failed, _ = _split_failed(name, table, errors)
+    return BatchOutput(table, None, failed)
+
+
+def _rows(value: Any, what: str, name: str) -> pa.Table | None:
+    if value is None:
+        return None
+    from thresher.pipelines.tables import as_table
+
+    try:
+        return as_table(value)
+    except TypeError as e:
+        raise StepError(f"generator {name!r}: its batch's {what} is not a table or list of rows: {e}") from e
+
+
+def generated_output(step: Generator, name: str, batch: GeneratedBatch, number: int) -> BatchOutput:
+    """A generator's batch as output/rejected/failed tables, labelled like a filter's and checked.
+
+    Rejected candidates need a `reason`, failed ones an `error`; when the batch says how many candidates it
+    considered, they must add up: candidates = output + rejected + failed. The state must survive JSON, since it
+    is what a resumed run starts from.
+    """
+    if not isinstance(batch, GeneratedBatch):
+        raise StepError(f"generator {name!r}: generate_batches() must yield GeneratedBatch, got {type(batch).__name__}")
+    output = _rows(batch.output, "output", name)
+    output = output if output is not None else pa.table({})
+    sides: dict[str, pa.Table | None] = {}
+    for what, by_col, text_col in (("rejected", REJECTED_BY_COLUMN, REASON_COLUMN), ("failed", FAILED_BY_COLUMN, ERROR_COLUMN)):
+        t = _rows(getattr(batch, what), what, name)
+        if t is None or not t.num_rows:
+            sides[what] = None
+            continue
+        if text_col not in t.column_names:
+            raise StepError(f"generator {name!r}: batch {number}: its {what} rows need a {text_col!r} column saying why")
+        text = t.column(text_col).combine_chunks()
+        if text.null_count:
+            raise StepError(f"generator {name!r}: batch {number}: {text.null_count} {what} row(s) have no {text_col!r}")
+        sides[what] = _with_label(t, by_col, name, text_col, text)
+    n_rej = sides["rejected"].num_rows if sides["rejected"] is not None else 0
+    n_fail = sides["failed"].num_rows if sides["failed"] is not None else 0
+    if batch.candidates is not None and batch.candidates != output.num_rows + n_rej + n_fail:
+        raise AccountingError(
+            f"generator {name!r} ({type(step).__name__}): batch {number} considered {batch.candidates} candidates "
+            f"but gave {output.num_rows} out + {n_rej} rejected + {n_fail} failed = {output.num_rows + n_rej + n_fail}"
+        )
+    if batch.state is not None:
+        if not isinstance(batch.state, dict):
+            raise StepError(f"generator {name!r}: a batch's state must be a dict, got {type(batch.state).__name__}")
+        try:
+            json.dumps(batch.state, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise StepError(f"generator {name!r}: batch {number}'s state is not JSON (it must survive a restart): {e}") from e
+    return BatchOutput(output, sides["rejected"], sides["failed"])
+
+
+def batch_candidates(batch: GeneratedBatch, out: BatchOutput) -> int:
+    if batch.candidates is not None:
+        return batch.candidates
+    return sum(t.num_rows for t in (out.output, out.rejected, out.failed) if t is not None)
 
 
 def apply_row_step(step: Step, name: str, batch: pa.Table) -> BatchOutput:
@@ -192,7 +269,7 @@ def map_batches(step: Step, name: str, batches: Iterable[pa.Table]) -> Iterator[
     threads: its backend then sees one window of requests across batch boundaries instead of draining to zero at
     the end of every batch, where the slowest request of each batch would hold up the whole step.
     """
-    k = max(1, int(step.batches_in_flight())) if isinstance(step, RowStep) else 1
+    k = max(1, int(step.batches_in_flight())) if step.kind == "row" else 1
     if k == 1:
         for batch in batches:
             yield batch, apply_row_step(step, name, batch)
@@ -241,7 +318,16 @@ def run_on_tables(step: Step, name: str, tables: list[pa.Table]) -> BatchOutput:
     if isinstance(step, GlobalStep):
         return BatchOutput(step.process(tables))
     if isinstance(step, Generator):
-        return BatchOutput(step.generate(tables))
+        outs = []
+        for number, batch in enumerate(step.generate_batches(tables, Checkpoint())):
+            outs.append(generated_output(step, name, batch, number))
+        if not outs:
+            return BatchOutput(pa.table({}))
+        return BatchOutput(
+            concat(o.output for o in outs),
+            concat(o.rejected for o in outs) if any(o.rejected is not None for o in outs) else None,
+            concat(o.failed for o in outs) if any(o.failed is not None for o in outs) else None,
+        )
     raise PipelineError(f"step {name!r}: {type(step).__name__} is not a RowStep, Filter, GlobalStep or Generator")
 
 
@@ -264,6 +350,7 @@ def run_in_memory(step: Step, tables: list[pa.Table], *, name: str) -> StepResul
     step.check()
     check_columns(step, name, [t.column_names for t in tables])
     step.load()
+    step.begin()
     t0 = time.perf_counter()
     res = run_on_tables(step, name, tables)
     seconds = time.perf_counter() - t0

@@ -7,14 +7,26 @@ fingerprinted (step class + VERSION + semantic parameters + parents' fingerprint
 `_done.json` exists; a changed parameter gives that step (and its descendants) a new fingerprint, so only they run.
 
 Row steps stream: batch i covers input rows [start, end) and is committed as `part-<start>-<end>.parquet` files
-(rejected and failed first, output last, each via temp file + os.replace). A run killed mid-step resumes after the
-last committed batch. Memory holds one batch per step at a time, whatever the number of steps or rows.
-`manifest.json` at the top of the run directory is rewritten atomically after every state change: each step's
-parameters (secrets redacted), fingerprint, status, timings, row accounting and metrics (LLM usage and cost).
+(rejected and failed first, output last, each via temp file, fsync, os.replace). A run killed mid-step resumes after
+the last committed batch; what it redoes is the batches that were not committed yet (the one being computed, up to
+`batches_in_flight()` more on worker threads, and up to two queued for the background writer), whose model answers
+are in the request cache. Memory holds a few batches per step at a time, whatever the number of steps or rows.
+
+Generators commit the same way, batch by batch: batch k's side outputs, then `state/part-k.json` (the state the
+generator handed over and the candidates counted so far), then its output shard, which marks the batch committed.
+On resume the runner hands the last committed state back (`Checkpoint`) and the generator carries on from there.
+Global steps (dedup, selection) write their output at once when they finish.
+
+Before `_done.json` is written, the step's folders are fsynced, so after a machine crash a step that looks finished
+has every shard whole. `manifest.json` at the top of the run directory is rewritten atomically after every state
+change: each step's parameters (secrets redacted), fingerprint, status, start and end times, row accounting and
+metrics (LLM usage and cost), and the versions of thresher, Python and the model libraries. `open_run(run_dir)`
+reads it all back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -35,16 +47,22 @@ from thresher.pipelines.dag import Pipeline
 from thresher.pipelines.execute import (
     BatchOutput,
     apply_row_step,
+    batch_candidates,
     check_columns,
+    generated_output,
     map_batches,
     run_on_tables,
     verify_accounting,
 )
 from thresher.pipelines.prefetch import prefetch
-from thresher.pipelines.step import Filter, RowStep, Step
+from thresher.pipelines.step import Checkpoint, Filter, Generator, RowStep, Step
 
 MANIFEST = "manifest.json"
 DONE = "_done.json"
+STATE = "state"  # a generator's state after each committed batch: state/part-<batch>.json
+#: what `_done.json` keeps of a step's record, so a cached step reports what the run that made it did
+_DONE_FIELDS = ("rows_in", "rows_out", "rows_rejected", "rows_failed", "candidates", "seconds", "metrics",
+                "started_at", "finished_at")  # fmt: skip
 METRICS = "_metrics.json"  # a row step's metrics as of its last committed batch, carried over a resume
 SIDES = ("output", "rejected", "failed")
 
@@ -69,11 +87,35 @@ def atomic_write_parquet(table: pa.Table, path: Path) -> None:
     # Uncompressed, plain-encoded Parquet: intermediate outputs are written once and read once or twice, and this
     # writes ~3x faster than lz4 with dictionaries (the same trade HF datasets makes with its Arrow cache files).
     pq.write_table(table, tmp, compression="none", use_dictionary=False)
+    # The bytes reach the disk before the name does: after a machine crash a shard is whole or absent, never a
+    # committed-looking truncated file. (The folder itself is synced before `_done.json`: see sync_dirs.)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def sync_dirs(*folders: Path) -> None:
+    """fsync folders, so the renames that committed their files survive a machine crash (POSIX keeps a rename in
+    the folder's metadata, not in the file's)."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def shard_name(start: int, end: int) -> str:
     return f"part-{start:012d}-{end:012d}.parquet"
+
+
+def _state_name(batch: int) -> str:
+    return f"part-{batch:012d}.json"
 
 
 def _shard_range(p: Path) -> tuple[int, int]:
@@ -224,12 +266,51 @@ class StepRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     resumed_from_row: int | None = None
+    #: generators: candidates considered (= out + rejected + failed); batches resumed from
+    candidates: int | None = None
+    resumed_from_batch: int | None = None
+    #: wall-clock times (Unix seconds) of this run of the step; a cached step keeps those of the run that made it
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 @dataclass
 class RunResult:
+    """What a run produced: each step's record (counts, metrics, timings) and its tables, read from disk.
+
+    Returned by `Pipeline.run`, or rebuilt from a run directory alone with `open_run(run_dir)` (the HTML report
+    and other tools read runs this way, in a later process)."""
+
     run_dir: Path
     steps: dict[str, StepRecord]
+    #: the whole manifest.json as written (pipeline name, times, versions, steps)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike[str]) -> RunResult:
+        """The run in `run_dir`, from its manifest.json (raises PipelineError when there is none)."""
+        run_dir = Path(run_dir)
+        path = run_dir / MANIFEST
+        if not path.is_file():
+            raise PipelineError(f"{run_dir} is not a run directory: it has no {MANIFEST}")
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"{path}: not valid JSON ({e})") from e
+        known = {f.name for f in dataclasses.fields(StepRecord)}
+        steps = {}
+        for name, rec in (doc.get("steps") or {}).items():
+            steps[name] = StepRecord(**{k: v for k, v in rec.items() if k in known})
+        return cls(run_dir, steps, doc)
+
+    def metrics(self, name: str) -> dict[str, Any]:
+        """The metrics a step reported (LLM usage and cost, load reports, ...)."""
+        self._dir(name)
+        return dict(self.steps[name].metrics or {})
+
+    def parents(self, name: str) -> list[str]:
+        self._dir(name)
+        return list(self.steps[name].parents)
 
     def _dir(self, name: str) -> Path:
         if name not in self.steps:
@@ -248,6 +329,10 @@ class RunResult:
     def failed(self, name: str) -> pa.Table:
         return read_folder(self._dir(name) / "failed")
 
+    def done(self, name: str) -> bool:
+        """Whether the step finished (its `_done.json` is in place)."""
+        return (self._dir(name) / DONE).is_file()
+
     @property
     def executed(self) -> list[str]:
         return [n for n, r in self.steps.items() if r.status == "done"]
@@ -258,6 +343,26 @@ class RunResult:
 
 
 # ---- the runner -----------------------------------------------------------------------------------
+
+
+def open_run(run_dir: str | os.PathLike[str]) -> RunResult:
+    """Read back what a run produced: manifest, each step's output/rejected/failed tables and metrics."""
+    return RunResult.open(run_dir)
+
+
+def _versions() -> dict[str, str | None]:
+    """The versions that decide what a run produced: thresher, Python and the libraries models run on."""
+    import platform
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("thresher", "pyarrow", "llama-cpp-python", "openai", "transformers", "torch", "peft",
+                 "sentence-transformers", "faiss-cpu", "datasets"):  # fmt: skip
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def merge_metrics(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
@@ -296,15 +401,19 @@ class Runner:
         self.progress = progress
         self.records: dict[str, StepRecord] = {}
         self._prior_metrics: dict[str, dict[str, Any]] = {}
+        self._versions: dict[str, str | None] | None = None
         self.started = time.time()
 
     # manifest ----------------------------------------------------------------------------------
 
     def _write_manifest(self) -> None:
+        if self._versions is None:
+            self._versions = _versions()
         doc = {
             "pipeline": self.pipeline.name,
             "started_at": self.started,
             "updated_at": time.time(),
+            "versions": self._versions,
             "steps": {n: _jsonable(vars(r)) for n, r in self.records.items()},
         }
         atomic_write_text(self.run_dir / MANIFEST, json.dumps(doc, indent=2, ensure_ascii=False))
@@ -343,7 +452,7 @@ class Runner:
                 done.unlink()
             if done.exists():
                 stats = json.loads(done.read_text())
-                for k in ("rows_in", "rows_out", "rows_rejected", "rows_failed", "seconds", "metrics"):
+                for k in _DONE_FIELDS:
                     setattr(rec, k, stats.get(k))
                 rec.status = "cached"
                 self._say(f"{node.name}: cached ({rec.rows_out} rows)")
@@ -352,30 +461,41 @@ class Runner:
             # columns a peeking source could not promise before the run: checked now against the real data
             check_columns(node.step, node.name, [self._columns_of(p) for p in node.parents])
             rec.status = "running"
+            rec.error = None
+            rec.started_at, rec.finished_at = time.time(), None
             self._write_manifest()
             t0 = time.perf_counter()
             try:
                 node.step.workdir_ = step_dir
                 node.step.load()
+                node.step.begin()
                 if isinstance(node.step, (RowStep, Filter)) and node.step.kind == "row":
                     self._run_row_step(node.name, node.step, node.parents, step_dir, rec)
+                elif isinstance(node.step, Generator):
+                    self._run_generator(node.name, node.step, node.parents, step_dir, rec)
                 else:
                     self._run_whole_step(node.name, node.step, node.parents, step_dir, rec)
+                rec.metrics = _jsonable(merge_metrics(self._prior_metrics.pop(node.name, {}), node.step.metrics()))
             except BaseException as e:
                 rec.status = "failed"
                 rec.error = f"{type(e).__name__}: {e}"
                 rec.seconds = time.perf_counter() - t0
                 self._write_manifest()
+                self._unload(node.name, node.step)
                 if isinstance(e, ThresherError) or not isinstance(e, Exception):
                     raise
                 raise StepError(f"step {node.name!r} ({type(node.step).__name__}) failed: {e}") from e
+            # a finished step lets go of its model before the next one loads its own
+            self._unload(node.name, node.step)
             rec.seconds = time.perf_counter() - t0
-            rec.metrics = _jsonable(merge_metrics(self._prior_metrics.pop(node.name, {}), node.step.metrics()))
+            rec.finished_at = time.time()
             verify_accounting(
                 node.step, node.name, rec.rows_in or 0, rec.rows_out or 0, rec.rows_rejected or 0, rec.rows_failed or 0
             )
-            stats = {k: getattr(rec, k) for k in ("rows_in", "rows_out", "rows_rejected", "rows_failed", "seconds")}
-            stats.update(fingerprint=rec.fingerprint, metrics=rec.metrics, finished_at=time.time())
+            stats = {k: getattr(rec, k) for k in _DONE_FIELDS}
+            stats.update(fingerprint=rec.fingerprint)
+            # every shard's rename reaches the disk before the mark that says the step is finished
+            sync_dirs(*(step_dir / side for side in (*SIDES, STATE)), step_dir)
             atomic_write_text(done, json.dumps(stats, indent=2))
             rec.status = "done"
             self._write_manifest()
@@ -383,7 +503,13 @@ class Runner:
                 f"{node.name}: {rec.rows_in} in -> {rec.rows_out} out, {rec.rows_rejected} rejected, "
                 f"{rec.rows_failed} failed ({rec.seconds:.2f}s)"
             )
-        return RunResult(self.run_dir, dict(self.records))
+        return RunResult.open(self.run_dir)
+
+    def _unload(self, name: str, step: Step) -> None:
+        try:
+            step.unload()
+        except Exception as e:  # releasing memory must not turn a finished step into a failed one
+            self._say(f"{name}: unload() failed: {type(e).__name__}: {e}")
 
     def _say(self, msg: str) -> None:
         if self.progress:
@@ -442,13 +568,75 @@ class Runner:
         rec.rows_rejected = _count_rows(step_dir / "rejected")
         rec.rows_failed = _count_rows(step_dir / "failed")
 
+    def _run_generator(self, name: str, step: Generator, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
+        """Commit each batch the generator yields, with its state; on resume, hand the last state back."""
+        tables = [read_folder(self._parent_dir(p)) for p in parents]
+        rec.rows_in = sum(t.num_rows for t in tables)
+        # resume: the committed batches are the output shards 0, 1, ... k-1 without a gap (a batch's output shard
+        # is written last, after its side outputs and its state); anything numbered k or later is a torn commit
+        committed = 0
+        for shard in list_shards(step_dir / "output"):
+            a, b = _shard_range(shard)
+            if a != committed:
+                break
+            committed = b
+        for side in SIDES:
+            for shard in list_shards(step_dir / side):
+                if _shard_range(shard)[1] > committed:
+                    shard.unlink()
+        for f in sorted((step_dir / STATE).glob("part-*.json")) if (step_dir / STATE).is_dir() else []:
+            if int(f.stem.split("-")[1]) >= committed:
+                f.unlink()
+        last: dict[str, Any] = {}
+        if committed:
+            last = json.loads((step_dir / STATE / _state_name(committed - 1)).read_text(encoding="utf-8"))
+        rec.resumed_from_batch = committed or None
+        prior = json.loads((step_dir / METRICS).read_text()) if committed and (step_dir / METRICS).exists() else {}
+        self._prior_metrics[name] = prior
+        checkpoint = Checkpoint(
+            state=last.get("state"),
+            batches=committed,
+            rows=_count_rows(step_dir / "output"),
+            _read_output=lambda: read_folder(step_dir / "output"),
+        )
+        candidates = int(last.get("candidates", 0))
+        schema = _unified_schema(list_shards(step_dir / "output"))
+        bar = _progress(None, name, checkpoint.rows, self.progress)
+        number = committed
+        for batch in step.generate_batches(tables, checkpoint):
+            out = generated_output(step, name, batch, number)
+            schema = _check_batch_schema(name, schema, out.output.schema, number, number + 1)
+            candidates += batch_candidates(batch, out)
+            # metrics and state before the output shard: the shard's presence is what says "committed"
+            metrics = merge_metrics(prior, step.metrics())
+            if metrics:
+                atomic_write_text(step_dir / METRICS, json.dumps(_jsonable(metrics)), fsync=False)
+            state_doc = {"batch": number, "candidates": candidates, "state": batch.state}
+            atomic_write_text(step_dir / STATE / _state_name(number), json.dumps(state_doc, ensure_ascii=False))
+            sync_dirs(step_dir / STATE)
+            commit_batch(step_dir, number, number + 1, out)
+            number += 1
+            bar.update(out.output.num_rows)
+        bar.close()
+        if not list_shards(step_dir / "output"):  # made nothing: still leave an (empty) output
+            commit_batch(step_dir, 0, 0, BatchOutput(pa.table({})))
+        rec.candidates = candidates
+        rec.rows_out = _count_rows(step_dir / "output")
+        rec.rows_rejected = _count_rows(step_dir / "rejected")
+        rec.rows_failed = _count_rows(step_dir / "failed")
+        if rec.rows_out + rec.rows_rejected + rec.rows_failed != candidates:
+            raise StepError(
+                f"generator {name!r}: its committed shards hold {rec.rows_out} out + {rec.rows_rejected} rejected + "
+                f"{rec.rows_failed} failed rows but its batches counted {candidates} candidates"
+            )
+
     def _run_whole_step(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
         for side in SIDES:
             shutil.rmtree(step_dir / side, ignore_errors=True)
         tables = [read_folder(self._parent_dir(p)) for p in parents]
         rec.rows_in = sum(t.num_rows for t in tables)
-        # a step that needs every row at once reports when it has them all (generators count what they make)
-        bar = _progress(rec.rows_in or 0, name, 0, self.progress and rec.rows_in is not None)
+        # a step that needs every row at once reports when it has them all
+        bar = _progress(rec.rows_in or 0, name, 0, self.progress)
         out = run_on_tables(step, name, tables)
         bar.update(rec.rows_in or out.output.num_rows)
         bar.close()
@@ -556,7 +744,7 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, name: str, initial: int, enabled: bool) -> Any:
+def _progress(total: int | None, name: str, initial: int, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm

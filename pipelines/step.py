@@ -13,7 +13,14 @@ Kinds (the engine in `execute.py` owns the plumbing for each):
   `rejected_by` and `reason`, and balances in = out + rejected + failed.
 - `GlobalFilter.keep(table)`: the same over the whole table (dedup, diversity selection, top-k).
 - `GlobalStep.process(tables) -> table`: needs all rows of one or more inputs (concat, sort).
-- `Generator.generate(tables) -> table`: makes rows (sources, Self-Instruct, Evol-Instruct).
+- `Generator.generate(tables) -> table`: makes rows at once (sources). A generator that makes rows over many
+  model calls (Self-Instruct, Evol-Instruct) implements `generate_batches(tables, checkpoint)` instead: it yields
+  `GeneratedBatch`es, each a commit point saved atomically with a small JSON `state`; after a crash the runner
+  hands the last committed state back (`checkpoint.state`) and the generator carries on from there.
+
+Lifecycle, in a run and on its own: `check()` before anything runs, `load()` (models, clients), `begin()` each time
+the engine starts processing (per-run counters start here), the rows, `metrics()`, and in a run `unload()` once
+the step is finished, so a pipeline never holds every step's model at once.
 
 Every step also works on its own, outside a pipeline: `step(dataset)` returns a dataset of the same kind
 (pyarrow Table, HF Dataset, pandas DataFrame or list of dicts); `step.apply(dataset)` also returns the rejected and
@@ -25,8 +32,9 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from thresher.errors import ConfigError, PipelineError
@@ -185,9 +193,29 @@ class Step:
     def load(self) -> None:
         """Load models, indexes, clients. Called once before processing; must be idempotent."""
 
+    def begin(self) -> None:
+        """Called by the engine each time it starts processing with this step (after `load`).
+
+        Per-run counters start here: `metrics()` reports what this run did, so a step object used twice, or a run
+        retried in the same process, never counts the same tokens twice."""
+
+    def unload(self) -> None:
+        """Release models and indexes `load()` took. The runner calls it when the step is finished; `load()` must
+        bring them back if the step is used again."""
+
     def metrics(self) -> dict[str, Any]:
         """Numbers the step wants in the run manifest (usage, cost, cache hits). Called after it ran."""
         return {}
+
+    def batches_in_flight(self) -> int:
+        """How many batches the engine may hand a row step (`map_batch` / `keep`) at once, from worker threads
+        (called after `load`).
+
+        1 (the default) for local computation. A step that waits on a remote model returns more, so the backend
+        keeps its window of requests full across batch boundaries; its `map_batch` must then be thread-safe.
+        Outputs are still committed in order.
+        """
+        return 1
 
     def reads(self) -> tuple[str, ...]:
         """Columns this instance reads: the class's `inputs`, unless a parameter names them (override)."""
@@ -259,15 +287,6 @@ class RowStep(Step):
         """Return {column: values aligned with the batch}; an `error` column marks failed rows."""
         raise NotImplementedError
 
-    def batches_in_flight(self) -> int:
-        """How many batches the engine may hand to `map_batch` at once, from worker threads (called after `load`).
-
-        1 (the default) for local computation. A step that waits on a remote model returns more, so the backend
-        keeps its window of requests full across batch boundaries; its `map_batch` must then be thread-safe.
-        Outputs are still committed in order.
-        """
-        return 1
-
 
 class Filter(Step):
     """A row step that keeps some rows and says why it removed the others."""
@@ -305,11 +324,65 @@ class GlobalStep(Step):
         raise NotImplementedError
 
 
+@dataclass
+class GeneratedBatch:
+    """One commit point of a generator: what it made since the last one, and the state to resume from.
+
+    output: the new rows. rejected: candidates the generator turned down, each with a `reason` (the engine adds
+    `rejected_by`). failed: candidates it could not make (a request that failed for good), each with an `error`
+    (the engine adds `failed_by`). Any of them a pyarrow Table, a list of dicts or None.
+    state: JSON-serialisable data (counters, an RNG state, a round number) the generator needs to carry on after
+    this batch; handed back as `checkpoint.state` on resume.
+    candidates: how many candidates this batch considered; when given, the engine checks
+    candidates = output + rejected + failed, so no candidate disappears without a trace.
+    """
+
+    output: Any = None
+    rejected: Any = None
+    failed: Any = None
+    state: dict[str, Any] | None = None
+    candidates: int | None = None
+
+
+@dataclass
+class Checkpoint:
+    """What a generator committed before this run: empty on a fresh start, the last commit's state on resume."""
+
+    #: the `state` of the last committed batch; None when nothing was committed yet
+    state: dict[str, Any] | None = None
+    #: batches and output rows committed so far
+    batches: int = 0
+    rows: int = 0
+    _read_output: Callable[[], pa.Table] | None = field(default=None, repr=False)
+
+    def output(self) -> pa.Table:
+        """The output rows committed so far, in order (read from the run directory on demand)."""
+        if self._read_output is None:
+            import pyarrow as pa
+
+            return pa.table({})
+        return self._read_output()
+
+
 class Generator(Step):
-    """A step that makes rows: from nothing (a source) or from its inputs (seed tasks)."""
+    """A step that makes rows: from nothing (a source) or from its inputs (seed tasks).
+
+    Implement `generate(tables) -> table` for a source that makes its rows at once, or `generate_batches` for one
+    that makes them over many model calls and must not lose them to a crash.
+    """
 
     kind = "generator"
     n_inputs: ClassVar[int | None] = 0
 
     def generate(self, tables: list[pa.Table]) -> pa.Table:
         raise NotImplementedError
+
+    def generate_batches(self, tables: list[pa.Table], checkpoint: Checkpoint) -> Iterator[GeneratedBatch]:
+        """Yield the rows in batches; the engine commits each one, with its state, before asking for the next.
+
+        On resume `checkpoint` holds the last committed state and the rows committed so far: carry on from there,
+        without redoing committed work. The default makes everything in one batch with `generate`.
+        """
+        if checkpoint.batches:
+            return  # the one batch was committed: nothing is left to make
+        yield GeneratedBatch(output=self.generate(tables))

@@ -29,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from thresher.llms.testing import FaultConfig, FaultServer
 
-__all__ = ["fault", "fault_server", "free_port", "isolated_cache", "llama_server", "smol_hf_dir"]
+__all__ = ["fault", "fault_server", "free_port", "isolated_cache", "kill_9_when", "llama_server", "smol_hf_dir"]
 
 
 def free_port() -> int:
@@ -116,3 +116,17 @@ def smol_hf_dir() -> Path:
     from thresher.llms.hf import hf_dir_for_gguf
 
     return hf_dir_for_gguf(smollm2_gguf())
+
+
+def kill_9_when(proc: subprocess.Popen[bytes], server: FaultServer, requests: int, timeout: float = 120.0) -> int:
+    """SIGKILL `proc` once `server` has seen `requests` requests (answered or in flight); returns how many it saw."""
+    import signal
+
+    deadline = time.monotonic() + timeout
+    while server.stats()["total"] < requests:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.monotonic() < deadline, f"the server saw fewer than {requests} requests in {timeout} s"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return int(server.stats()["total"])

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from thresher.pipelines import Filter, Generator, RowStep, runtime
+from thresher.pipelines import Filter, Generator, RowStep, runtime, secret
+from thresher.pipelines.model_step import ModelStep
+from thresher.pipelines.step import Checkpoint, GeneratedBatch
 
 
 def bump(counter_dir: str | None, name: str, n: int = 1) -> None:
@@ -103,3 +106,53 @@ class Flaky(RowStep):
 
 def pid_file(counter_dir: str) -> Path:
     return Path(counter_dir) / f"pid.{os.getpid()}"
+
+
+class Expand(ModelStep, Generator):
+    """Grows new tasks from seed rows with a chat model, a batch of candidates at a time, each batch committed with
+    its state: the engine's stand-in for Self-Instruct. Which seed each candidate imitates comes from the step's seeded
+    RNG (keyed by batch number), so a resumed run asks exactly what an unbroken one would. Every seventh candidate
+    is turned down (rejected with a reason); a failed request fails its candidate."""
+
+    n_inputs = 1
+    inputs = ("instruction",)
+    outputs = ("id", "instruction", "parent_id", "batch")
+
+    def __init__(self, *, backend: Any = None, target: int = 100, per_batch: int = 20, seed: int = 0,
+                 max_batches: int = 100, api_key: str | None = secret(), max_concurrency: int | None = runtime(None),
+                 cache: bool = runtime(True), progress: bool = runtime(False), counter_dir: str | None = runtime(None),
+                 crash_at_batch: int | None = runtime(None)):
+        self.backend, self.target, self.per_batch, self.seed = backend, target, per_batch, seed
+        self.max_batches = max_batches
+        self.api_key, self.max_concurrency, self.cache, self.progress = api_key, max_concurrency, cache, progress
+        self.counter_dir, self.crash_at_batch = counter_dir, crash_at_batch
+
+    def generate_batches(self, tables: list[pa.Table], checkpoint: Checkpoint) -> Iterator[GeneratedBatch]:
+        seeds = tables[0].column("instruction").to_pylist()
+        seed_ids = tables[0].column("id").to_pylist()
+        state = checkpoint.state or {"made": 0, "asked": 0, "batch": 0}
+        made, asked, number = state["made"], state["asked"], state["batch"]
+        assert checkpoint.rows == made  # the committed output is what the state says
+        while made < self.target and number < self.max_batches:
+            if number == self.crash_at_batch:
+                self.crash_at_batch = None  # crash once
+                raise RuntimeError(f"crash at batch {number}")
+            pick = self.rng("pick", number)
+            picks = [pick.randrange(len(seeds)) for _ in range(self.per_batch)]
+            convs = [[{"role": "user", "content": f"Write a task like #{asked + j}: {seeds[p]}"}]
+                     for j, p in enumerate(picks)]
+            answers = self.model().chat(convs, max_tokens=32)
+            out, rejected, failed = [], [], []
+            for j, (p, answer) in enumerate(zip(picks, answers, strict=True)):
+                k = asked + j
+                row = {"id": f"gen{k}", "instruction": answer.text, "parent_id": seed_ids[p], "batch": number}
+                if answer.error is not None:
+                    failed.append({**row, "error": answer.error})
+                elif k % 7 == 3:
+                    rejected.append({**row, "reason": f"candidate {k}: every seventh is turned down"})
+                else:
+                    out.append(row)
+            made, asked, number = made + len(out), asked + len(picks), number + 1
+            bump(self.counter_dir, "expand_batches")
+            yield GeneratedBatch(output=out, rejected=rejected, failed=failed, candidates=len(picks),
+                                 state={"made": made, "asked": asked, "batch": number})

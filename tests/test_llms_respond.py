@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, llama_server, smol_hf_dir, isolated_cache)
+from llm_servers import kill_9_when
 
 from thresher.errors import ConfigError
 from thresher.generators import Respond, row_messages
@@ -184,15 +183,7 @@ def test_kill_9_mid_step_resends_at_most_max_concurrency(
     script.write_text(KILL_SCRIPT)
     env = {**os.environ, "THRESHER_CACHE": str(isolated_cache), "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, str(script), fault.base_url, str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 60
-    while fault.stats()["total"] < 250:  # half-way: ~250 answered or in flight
-        assert proc.poll() is None, "the run finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    first = fault.stats()["total"]
+    first = kill_9_when(subprocess.Popen(cmd, env=env), fault, 250)  # half-way: ~250 answered or in flight
     assert first < 500
     fault.reset()
     subprocess.run(cmd, env=env, check=True, timeout=120)

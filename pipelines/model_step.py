@@ -1,0 +1,181 @@
+"""`ModelStep`: the one home of what every step that calls a model needs.
+
+Respond, the judges, IFD, the generators and the rewriters all take backends (a spec dict, a backend object, or None
+for the embedded default) and the same runtime knobs (`api_key`, `max_concurrency`, `cache`, `progress`). Put
+`ModelStep` before the step's kind (`class Respond(ModelStep, RowStep)`) and it owns the plumbing once:
+
+- fingerprints count a backend by its identity (kind, model, weights), never by where it runs, how fast, or its key;
+- `check()` builds every backend before the first row, so an unknown kind or a missing key fails for free;
+- `load()` starts the backends; `unload()` (the runner calls it when the step is finished) closes them, so a
+  pipeline with an IFD model, a judge and an embedder holds one model at a time, not all three;
+- `begin()` takes a snapshot of each backend's usage and `metrics()` reports the difference: this run's requests,
+  tokens and cost only, each backend object counted once, however often the step or the backend object is reused;
+- `batches_in_flight()`: a remote server gets two batches at once, so its request window stays full across batches;
+- `rng()` / `sample_seed()`: the seeded-randomness convention of `thresher.pipelines.rng`, keyed by the step's `seed`.
+
+Per-row failures leave through `failed` in every kind: a RowStep returns an `error` column, a Filter an `error` entry
+among keep()'s columns, a generator a `failed` table in its batch.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from thresher.errors import ConfigError
+from thresher.llms.base import Usage
+from thresher.pipelines import rng as _rng
+
+_LOAD_LOCK = threading.Lock()  # map_batch may run on worker threads: backends are built once
+_NEEDS = {"chat": "chat", "embed": "embed", "logprobs": "logprobs"}
+
+
+class ModelStep:
+    """Mixin for steps that call models; see the module docstring.
+
+    `model_params` maps each constructor parameter that holds a backend to what it must do: "chat", "embed" or
+    "logprobs". The step stores the runtime knobs it takes under their names (`api_key` as a `secret()`,
+    `max_concurrency`, `cache`, `progress` as `runtime()` values); each is passed to backends built from specs.
+    """
+
+    model_params: ClassVar[Mapping[str, str]] = {"backend": "chat"}
+
+    # ---- building -------------------------------------------------------------------------------
+
+    def _spec(self, param: str) -> Any:
+        spec = getattr(self, param)
+        if spec is None and self.model_params[param] == "logprobs":
+            return {"kind": "transformers"}  # the bundled SmolLM2 in transformers: llama.cpp gives no logprobs
+        return spec
+
+    def _build(self, param: str) -> Any:
+        from thresher.llms.config import make_backend, make_embedder
+
+        overrides = {k: getattr(self, k, None) for k in ("api_key", "max_concurrency", "cache", "progress")}
+        if self.model_params[param] == "embed":
+            return make_embedder(self._spec(param), **overrides)
+        return make_backend(self._spec(param), **overrides)
+
+    def semantic_params(self) -> dict[str, Any]:
+        from thresher.llms.config import spec_identity
+
+        params: dict[str, Any] = super().semantic_params()  # type: ignore[misc]
+        for param, kind in self.model_params.items():
+            params[param] = spec_identity(self._spec(param), embedder=kind == "embed")
+        return params
+
+    def check(self) -> None:
+        super().check()  # type: ignore[misc]
+        name = type(self).__name__
+        for param, kind in self.model_params.items():
+            if kind not in _NEEDS:
+                raise ConfigError(f"{name}.model_params[{param!r}] = {kind!r}; valid: {sorted(_NEEDS)}")
+            backend = self._build(param)
+            if not callable(getattr(backend, _NEEDS[kind], None)):
+                raise ConfigError(f"{name}: {param} {backend!r} has no {_NEEDS[kind]}() method, which this step needs")
+            check_secrets = getattr(backend, "check_secrets", None)
+            if callable(check_secrets):
+                check_secrets()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        super().load()  # type: ignore[misc]
+        if getattr(self, "backends_", None) is not None:
+            return
+        with _LOAD_LOCK:
+            if getattr(self, "backends_", None) is not None:
+                return
+            backends: dict[str, Any] = {}
+            for param in self.model_params:
+                backend = self._build(param)
+                load = getattr(backend, "load", None)
+                if callable(load):
+                    load()
+                backends[param] = backend
+            self.backends_: dict[str, Any] | None = backends
+
+    def model(self, param: str = "backend") -> Any:
+        """The live backend of a model parameter (loads the step if needed)."""
+        if param not in self.model_params:
+            raise ConfigError(f"{type(self).__name__} has no model parameter {param!r}; valid: {list(self.model_params)}")
+        self.load()
+        assert self.backends_ is not None
+        return self.backends_[param]
+
+    def _distinct(self) -> list[Any]:
+        seen: dict[int, Any] = {}
+        for backend in (getattr(self, "backends_", None) or {}).values():
+            seen.setdefault(id(backend), backend)
+        return list(seen.values())
+
+    def begin(self) -> None:
+        super().begin()  # type: ignore[misc]
+        self.usage_start_ = {id(b): b.usage.copy() for b in self._distinct() if isinstance(getattr(b, "usage", None), Usage)}
+
+    def unload(self) -> None:
+        super().unload()  # type: ignore[misc]
+        with _LOAD_LOCK:
+            for backend in self._distinct():
+                close = getattr(backend, "close", None)
+                if callable(close):
+                    close()
+            # the usage snapshot stays: metrics() after unload still reports this run
+            self._unloaded_usage_ = self._usage()
+            self.backends_ = None
+
+    def _usage(self) -> dict[str, Usage]:
+        """This run's usage per model parameter (a backend object shared by two parameters counts once)."""
+        if getattr(self, "backends_", None) is None:
+            return dict(getattr(self, "_unloaded_usage_", {}))
+        start = getattr(self, "usage_start_", {})
+        out: dict[str, Usage] = {}
+        seen: set[int] = set()
+        for param, backend in (self.backends_ or {}).items():
+            usage = getattr(backend, "usage", None)
+            if not isinstance(usage, Usage) or id(backend) in seen:
+                continue
+            seen.add(id(backend))
+            out[param] = usage.since(start[id(backend)]) if id(backend) in start else usage.copy()
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(super().metrics())  # type: ignore[misc]
+        per_param = self._usage()
+        total = Usage()
+        for usage in per_param.values():
+            total.add(usage)
+        if per_param:
+            out.update(total.as_dict())
+        if len(per_param) > 1:
+            out["by_model"] = {p: u.as_dict() for p, u in per_param.items()}
+        return out
+
+    def batches_in_flight(self) -> int:
+        # A remote server: two batches at once keep its request window full across batch boundaries (the backend's
+        # max_concurrency still bounds requests in flight). In-process models answer one request at a time.
+        self.load()
+        remote = any(getattr(b, "kind", None) == "openai" for b in self._distinct())
+        return 2 if remote else 1
+
+    # ---- seeded randomness ----------------------------------------------------------------------
+
+    def rng(self, *keys: Any) -> random.Random:
+        """A random generator for one decision, from the step's `seed` and the decision's keys (purpose, row id,
+        round): the same in every run, whatever the batching or thread order."""
+        return _rng.rng(self._seed(), type(self).__name__, *keys)
+
+    def sample_seed(self, *keys: Any) -> int:
+        """A sampling seed for one model request, from the step's `seed` and the request's keys."""
+        return _rng.sample_seed(self._seed(), type(self).__name__, *keys)
+
+    def _seed(self) -> int:
+        seed = getattr(self, "seed", None)
+        return 0 if seed is None else seed
+
+    @staticmethod
+    def row_name(ids: list[Any] | None, i: int) -> str:
+        """How error messages name a row: by its id when the data has one."""
+        return f"row id={ids[i]!r}" if ids is not None else f"row {i} of the batch"
