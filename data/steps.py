@@ -30,7 +30,12 @@ log = logging.getLogger("thresher.data")
 
 
 class Load(Generator):
-    """Read a data file (any supported layout and format) as records."""
+    """Read a data file (any supported layout and format) as records.
+
+    on_bad_record: fail, skip or quarantine. quarantine_path: where quarantined records go; by default the step's
+    folder in the run directory (`quarantine.jsonl`), or `<file>.quarantine.jsonl` beside the input when the step
+    runs on its own.
+    """
 
     n_inputs = 0
     outputs = CANONICAL_COLUMNS
@@ -93,7 +98,12 @@ class Load(Generator):
     def _quarantine_target(self) -> str | os.PathLike[str] | None:
         if self.on_bad_record != "quarantine":
             return None
-        return self.quarantine_path if self.quarantine_path is not None else default_quarantine_path(self.path)
+        if self.quarantine_path is not None:
+            return self.quarantine_path
+        # in a run, by-products belong to the run, not beside an input that may be read-only or shared
+        if self.workdir_ is not None:
+            return Path(self.workdir_) / "quarantine.jsonl"
+        return default_quarantine_path(self.path)
 
     def generate(self, tables: list[pa.Table]) -> pa.Table:
         self.report_: ReadResult = read_records_report(
