@@ -1,4 +1,4 @@
-"""A fault-injecting OpenAI-compatible HTTP server for tests and benchmarks (127.0.0.1 only).
+r"""A fault-injecting OpenAI-compatible HTTP server for tests and benchmarks (127.0.0.1 only).
 
 A real server that misbehaves on purpose beats a mock object: the client under test goes through its whole HTTP
 stack. The server speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies) on a bare asyncio Protocol, so
@@ -21,6 +21,43 @@ count) that fault on the first 2 attempts, then an answer; `[[400]]` / `[[401]]`
         backend = OpenAICompatible(base_url=server.base_url, model="fake")
         ...
         server.stats()["total"]
+
+Scripted mode. Unscripted, a chat or completion request gets an echo ("reply to: <prompt>", or a small instance of
+the asked JSON schema). `script`, an ordered list of `Rule`s (or their dicts; first match wins), makes every answer
+known in advance, so tests of pool growth, elimination and parsing can assert exact outcomes:
+- `match` is a regex (`re.search`; inline flags such as `(?s)`, `(?i)`) over the text `role` names: `any` (default)
+  every message as a `role: content` line; `user` / `system` / `assistant` that role's messages joined by newlines
+  (none: no match); `last_user` the last user message (a re-ask, for instance). A `/v1/completions` request offers
+  its raw prompt to `any`, `user` and `last_user`. Embedding requests are never scripted.
+- the answer is `reply` (a text) or `json` (a value, sent as JSON text: for response_format requests). Texts, and
+  the strings inside `json`, are `re.Match.expand` templates (`\1`, `\g<name>`) unless `template=False`.
+- a list of replies gives one per sample, chosen by `pick`: `sample` (default) sample s gets `replies[s % len]`,
+  where s = the request's seed (0 when unset) + the choice index, which is the sample index OpenAICompatible asks
+  for when its seed is 0 or unset (it sends seed + s for sample s); `hash` by a hash of (server seed, conversation,
+  s); `cycle` the k-th reply the rule gives the same conversation is `replies[k % len]` (so among identical
+  conversations, arrival order decides). Entries may be dicts `{"text" | "json", "finish_reason", "logprobs"}`.
+- `finish_reason` (e.g. "length") is sent with the text whole; unset, a reply longer than `max_tokens` words is cut
+  there with "length", else "stop". `usage` ({prompt_tokens, completion_tokens}) replaces the counted tokens.
+- when a request asks for logprobs, each choice carries `logprobs`: the rule's (OpenAI's chat form, a list of
+  `{token, logprob, top_logprobs}` with `top_logprobs` a list of `{token, logprob}` or a `{token: logprob}` dict,
+  cut to the request's `top_logprobs`), or one 0.0 entry per word; /v1/completions gets the legacy form.
+- a request no rule matches gets `unmatched`: "error" (default: HTTP 501 "no script rule matched", which clients
+  neither retry nor take for a refused response_format, so only that row fails) or "echo".
+Faults come first: a `[[500x1]]` marker still fails the first attempt and the retry gets the scripted answer.
+`stats()["script"]` has per rule name (default: its `match`) the requests it answered (`hits`) and the choices
+(`samples`), and the count of `unmatched` requests; `reset()` zeroes them, as does a new script.
+
+    script = [
+        Rule(match=r"classification task\?", reply="No", name="is_clf"),
+        Rule(match=r"(?m)^8\. ", reply=["9. Name a fruit.\n10. Name a tool.", "9. Add two numbers."]),
+        Rule(match=r"Rewrite: (.*)", role="last_user", reply=r"\1, in three steps"),
+        Rule(match="Rate", reply="Score: 4", logprobs=[{"token": "Score", "logprob": 0.0},
+             {"token": ":", "logprob": 0.0}, {"token": " 4", "logprob": -0.3, "top_logprobs": {" 4": -0.3, " 5": -1.4}}]),
+        Rule(match="Tag", json={"tags": ["math"]}),
+    ]
+    with FaultServer(script=script) as server:  # or server.configure(script=script, unmatched="echo")
+        ...
+        assert server.stats()["script"]["hits"]["is_clf"] == 20
 """
 
 from __future__ import annotations
@@ -39,7 +76,9 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 FAULT_KINDS = ("429", "500", "hang", "drop", "truncate", "invalid_json")
@@ -60,6 +99,256 @@ class FaultConfig:
     model: str = "fake-model"
     ignore_n: bool = False
     reject_json_schema: bool = False
+    script: list[dict[str, Any]] = field(default_factory=list)  # scripted answers: `Rule.to_dict()`s, first match wins
+    unmatched: str = "error"  # what a request no rule matches gets when there is a script: "error" (501) or "echo"
+
+
+ROLES = ("any", "user", "last_user", "system", "assistant")
+PICKS = ("sample", "hash", "cycle")
+UNMATCHED = ("error", "echo")
+_REPLY_KEYS = ("text", "json", "finish_reason", "logprobs")
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens")
+
+
+@dataclass
+class Rule:
+    """One scripted answer (see the module docstring): when `match` finds the `role` text, answer `reply` or `json`.
+
+    `reply` is a text or a list of replies (texts or `{"text" | "json", "finish_reason", "logprobs"}` dicts) of which
+    `pick` ("sample", "hash", "cycle") chooses one per sample. `name` (default: `match`) keys the rule's stats.
+    """
+
+    match: str
+    reply: str | list[str | dict[str, Any]] | None = None
+    json: Any = None  # a JSON value to answer with instead of `reply` (a JSON `null` needs the dict form)
+    role: str = "any"
+    pick: str = "sample"
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    usage: dict[str, int] | None = None
+    template: bool = True
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rule as the server takes it: `match` and every field that differs from its default."""
+        out: dict[str, Any] = {"match": self.match}
+        for f in dataclass_fields(self)[1:]:
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = value
+        return out
+
+
+_RULE_KEYS = tuple(f.name for f in dataclass_fields(Rule))
+
+
+def _check_logprobs(where: str, entries: Any) -> list[dict[str, Any]]:
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: logprobs must be a list of {{token, logprob, top_logprobs}}, got {entries!r}")
+    out = []
+    for j, e in enumerate(entries):
+        if not isinstance(e, Mapping) or not isinstance(e.get("token"), str) or "logprob" not in e:
+            raise ValueError(f"{where}: logprobs[{j}] needs a string 'token' and a 'logprob', got {e!r}")
+        tops = e.get("top_logprobs") or []
+        if isinstance(tops, Mapping):
+            tops = [{"token": t, "logprob": lp} for t, lp in tops.items()]
+        try:
+            top_list = [{"token": str(t["token"]), "logprob": float(t["logprob"])} for t in tops]
+            out.append({"token": e["token"], "logprob": float(e["logprob"]), "top_logprobs": top_list})
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(
+                f"{where}: logprobs[{j}] has a bad logprob or top_logprobs (a list of {{token, logprob}} or a "
+                f"{{token: logprob}} dict), got {e!r}"
+            ) from None
+    return out
+
+
+def check_script(script: Any) -> list[dict[str, Any]]:
+    """The rules as plain JSON-able dicts, checked, so a bad rule fails in the test's process and names its index."""
+    if isinstance(script, (str, bytes, Mapping)) or not isinstance(script, Sequence):
+        raise ValueError(f"script: expected a list of rules (Rule or dict), got {type(script).__name__}")
+    out: list[dict[str, Any]] = []
+    names: dict[str, int] = {}
+    for i, r in enumerate(script):
+        if isinstance(r, Rule):
+            d = r.to_dict()
+        elif isinstance(r, Mapping):
+            d = dict(r)
+        else:
+            raise ValueError(f"script rule {i}: expected a Rule or a dict, got {type(r).__name__}")
+        where = f"script rule {i}"
+        unknown = set(d) - set(_RULE_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {sorted(unknown)}; valid: {list(_RULE_KEYS)}")
+        if not isinstance(d.get("match"), str):
+            raise ValueError(f"{where}: 'match' must be a regex string, got {d.get('match')!r}")
+        try:
+            re.compile(d["match"])
+        except re.error as e:
+            raise ValueError(f"{where}: 'match' {d['match']!r} is not a valid regex: {e}") from None
+        where = f"script rule {i} ({d['match']!r})"
+        for key, valid in (("role", ROLES), ("pick", PICKS)):
+            if key in d and d[key] not in valid:
+                raise ValueError(f"{where}: {key} {d[key]!r} is not one of {list(valid)}")
+        has_reply, has_json = d.get("reply") is not None, "json" in d
+        if has_reply == has_json:
+            raise ValueError(f"{where}: give exactly one of 'reply' (text or list of replies) or 'json'")
+        if has_reply:
+            replies = list(d["reply"]) if isinstance(d["reply"], list) else [d["reply"]]
+            if not replies:
+                raise ValueError(f"{where}: 'reply' is an empty list")
+            for j, item in enumerate(replies):
+                if isinstance(item, str):
+                    continue
+                if (
+                    not isinstance(item, Mapping)
+                    or set(item) - set(_REPLY_KEYS)
+                    or ("text" in item) == ("json" in item)
+                ):
+                    raise ValueError(
+                        f"{where}: reply[{j}] must be a text or a dict with one of 'text'/'json' and optional "
+                        f"'finish_reason', 'logprobs'; got {item!r}"
+                    )
+                if "text" in item and not isinstance(item["text"], str):
+                    raise ValueError(f"{where}: reply[{j}]['text'] must be a string, got {item['text']!r}")
+                if item.get("logprobs") is not None:
+                    replies[j] = {**item, "logprobs": _check_logprobs(f"{where}: reply[{j}]", item["logprobs"])}
+            d["reply"] = replies if isinstance(d["reply"], list) else replies[0]
+        if d.get("finish_reason") is not None and not isinstance(d["finish_reason"], str):
+            raise ValueError(f"{where}: finish_reason must be a string such as 'stop' or 'length'")
+        if d.get("logprobs") is not None:
+            d["logprobs"] = _check_logprobs(where, d["logprobs"])
+        usage = d.get("usage")
+        if usage is not None and (
+            not isinstance(usage, Mapping)
+            or set(usage) - set(_USAGE_KEYS)
+            or not all(isinstance(v, int) for v in usage.values())
+        ):
+            raise ValueError(f"{where}: usage must map {list(_USAGE_KEYS)} to integers, got {usage!r}")
+        if not isinstance(d.get("template", True), bool):
+            raise ValueError(f"{where}: template must be True or False")
+        name = d.get("name") or d["match"]
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: name must be a string, got {name!r}")
+        if name in names:
+            raise ValueError(f"script rules {names[name]} and {i} share the name {name!r}; give one a distinct 'name'")
+        names[name] = i
+        try:
+            out.append(json.loads(json.dumps(d)))  # it must cross to the server process as JSON
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: not JSON-serializable ({e})") from None
+    return out
+
+
+def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with `script` checked and made plain; `unmatched` checked."""
+    out = dict(settings)
+    if "script" in out:
+        out["script"] = check_script(out["script"] if out["script"] is not None else [])
+    if "unmatched" in out and out["unmatched"] not in UNMATCHED:
+        raise ValueError(f"unmatched {out['unmatched']!r} is not one of {list(UNMATCHED)}")
+    return out
+
+
+@dataclass
+class _Rule:
+    """A checked rule, compiled, as the server uses it."""
+
+    name: str
+    regex: re.Pattern[str]
+    role: str
+    pick: str
+    replies: list[dict[str, Any]]  # each {"text"} or {"json"}, with optional "finish_reason", "logprobs"
+    finish_reason: str | None
+    logprobs: list[dict[str, Any]] | None
+    usage: dict[str, int] | None
+    template: bool
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> _Rule:
+        if "json" in d:
+            replies = [{"json": d["json"]}]
+        else:
+            raw = d["reply"] if isinstance(d["reply"], list) else [d["reply"]]
+            replies = [{"text": r} if isinstance(r, str) else dict(r) for r in raw]
+        return cls(
+            name=d.get("name") or d["match"],
+            regex=re.compile(d["match"]),
+            role=d.get("role", "any"),
+            pick=d.get("pick", "sample"),
+            replies=replies,
+            finish_reason=d.get("finish_reason"),
+            logprobs=d.get("logprobs"),
+            usage=d.get("usage"),
+            template=d.get("template", True),
+        )
+
+
+def _content(m: Mapping[str, Any]) -> str:
+    c = m.get("content")
+    return c if isinstance(c, str) else json.dumps(c)
+
+
+def _role_text(body: dict[str, Any], chat: bool, role: str) -> str | None:
+    """The text a rule of `role` searches; None when the request has none (the rule cannot match)."""
+    if not chat:
+        p = body.get("prompt", "")
+        p = (p[0] if p else "") if isinstance(p, list) else p
+        return str(p) if role in ("any", "user", "last_user") else None
+    msgs = [m for m in body.get("messages", []) if isinstance(m, Mapping)]
+    if role == "any":
+        return "\n".join(f"{m.get('role')}: {_content(m)}" for m in msgs)
+    if role == "last_user":
+        users = [_content(m) for m in msgs if m.get("role") == "user"]
+        return users[-1] if users else None
+    parts = [_content(m) for m in msgs if m.get("role") == role]
+    return "\n".join(parts) if parts else None
+
+
+def _expand(value: Any, m: re.Match[str]) -> Any:
+    """`value` with every string in it expanded as a template of the match."""
+    if isinstance(value, str):
+        return m.expand(value)
+    if isinstance(value, list):
+        return [_expand(v, m) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, m) for k, v in value.items()}
+    return value
+
+
+def _cut(text: str, max_tokens: int) -> str | None:
+    """`text` cut after its `max_tokens`-th word, or None when it is not longer than that."""
+    ends = [w.end() for w in re.finditer(r"\S+", text)]
+    return text[: ends[max_tokens - 1]] if len(ends) > max_tokens else None
+
+
+def _chat_logprobs(entries: list[dict[str, Any]] | None, text: str, k: int) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` for a choice: the scripted entries, or one 0.0 entry per word of `text`."""
+    if entries is None:
+        entries = [
+            {"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]}
+            for t in re.findall(r"\s*\S+", text)
+        ]
+
+    def tok(t: dict[str, Any]) -> dict[str, Any]:
+        return {"token": t["token"], "logprob": t["logprob"], "bytes": list(t["token"].encode())}
+
+    return {"content": [{**tok(e), "top_logprobs": [tok(t) for t in e["top_logprobs"][:k]]} for e in entries]}
+
+
+def _legacy_logprobs(chat_form: dict[str, Any]) -> dict[str, Any]:
+    """The /v1/completions form of the same log-probabilities."""
+    content = chat_form["content"]
+    offsets, pos = [], 0
+    for e in content:
+        offsets.append(pos)
+        pos += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in content],
+        "token_logprobs": [e["logprob"] for e in content],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in content],
+        "text_offset": offsets,
+    }
 
 
 def _prompt_of(body: dict[str, Any]) -> str:
@@ -117,8 +406,53 @@ class _State:
         self.connections = 0
         self.authorization: Counter[str] = Counter()
         self.bodies: list[dict[str, Any]] = []  # the last few request bodies, for tests to inspect
+        self.rules: list[_Rule] = []
+        self.hits: Counter[str] = Counter()  # rule name -> requests it answered
+        self.samples: Counter[str] = Counter()  # rule name -> choices it gave
+        self.unmatched = 0
+        self.given: Counter[tuple[int, str]] = Counter()  # (rule index, conversation) -> replies given (pick="cycle")
+        self.set_script(config.script)
+
+    def set_script(self, script: list[Any]) -> None:
+        self.config.script = check_script(script)
+        self.rules = [_Rule.of(d) for d in self.config.script]
+        self.clear_script_counts()
+
+    def clear_script_counts(self) -> None:
+        self.hits.clear()
+        self.samples.clear()
+        self.given.clear()
+        self.unmatched = 0
+
+    def find_rule(self, body: dict[str, Any], chat: bool) -> tuple[int, _Rule, re.Match[str]] | None:
+        texts: dict[str, str | None] = {}
+        for i, rule in enumerate(self.rules):
+            if rule.role not in texts:
+                texts[rule.role] = _role_text(body, chat, rule.role)
+            text = texts[rule.role]
+            m = rule.regex.search(text) if text is not None else None
+            if m is not None:
+                return i, rule, m
+        return None
+
+    def pick(self, index: int, rule: _Rule, conversation: str, sample: int, deliver: bool) -> dict[str, Any]:
+        """The reply `rule` gives sample `sample` of `conversation` (see `pick` in the module docstring)."""
+        k = len(rule.replies)
+        if k == 1:
+            i = 0
+        elif rule.pick == "sample":
+            i = sample % k
+        elif rule.pick == "hash":
+            key = f"{self.config.seed}\0{conversation}\0{sample}".encode()
+            i = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % k
+        else:
+            i = self.given[(index, conversation)] % k
+        if deliver:
+            self.given[(index, conversation)] += 1
+        return rule.replies[i]
 
     def reset(self) -> None:
+        self.clear_script_counts()
         self.per_prompt.clear()
         self.outcomes.clear()
         self.authorization.clear()
@@ -138,6 +472,11 @@ class _State:
             "authorization": dict(self.authorization),
             "bodies": self.bodies[-20:],
             "config": asdict(self.config),
+            "script": {
+                "hits": {r.name: self.hits[r.name] for r in self.rules},
+                "samples": {r.name: self.samples[r.name] for r in self.rules},
+                "unmatched": self.unmatched,
+            },
         }
 
     def draw_fault(self, prompt: str, attempt: int) -> str | None:
@@ -257,9 +596,16 @@ class _Connection(asyncio.Protocol):
             self.send(_response(200, b"{}"), close)
             return
         if path == "/config":
-            update = json.loads(raw or b"{}")
+            try:
+                update = check_settings(json.loads(raw or b"{}"))
+            except ValueError as e:
+                self.send(_response(400, json.dumps({"error": {"message": str(e)}}).encode()), close)
+                return
             for k, v in update.items():
-                setattr(st.config, k, v)
+                if k == "script":
+                    st.set_script(v)
+                else:
+                    setattr(st.config, k, v)
             self.send(_response(200, json.dumps(asdict(st.config)).encode()), close)
             return
         if path.rstrip("/") in ("/v1/models", "/models"):
@@ -311,19 +657,20 @@ class _Connection(asyncio.Protocol):
         elif fault == "drop":
             self.later(delay, None, abort=True)
         elif fault == "truncate":
-            full = json.dumps(self.answer(path, body, prompt)).encode()
+            full = json.dumps(self.answer(path, body, prompt, deliver=False)[1]).encode()
             self.later(delay, _response(200, full[: len(full) // 2], length=len(full)), close=True)
         elif fault == "invalid_json":
             self.later(delay, _response(200, b'{"id": "x", "choices": [{"message": '), close)
         else:
-            out = self.answer(path, body, prompt)
-            status = 404 if "error" in out else 200
+            status, out = self.answer(path, body, prompt)
             self.later(delay, _response(status, json.dumps(out).encode()), close)
 
     # ---- answers --------------------------------------------------------------------------------
 
-    def answer(self, path: str, body: dict[str, Any], prompt: str) -> dict[str, Any]:
-        cfg = self.state.config
+    def answer(self, path: str, body: dict[str, Any], prompt: str, deliver: bool = True) -> tuple[int, dict[str, Any]]:
+        """Status and body for a request that drew no fault; `deliver=False` (an answer cut by a fault) counts nothing."""
+        st = self.state
+        cfg = st.config
         p = path.rstrip("/")
         if p.endswith("/embeddings"):
             inputs = body.get("input", [])
@@ -339,7 +686,7 @@ class _Connection(asyncio.Protocol):
                     }
                 )
             toks = sum(len(str(t).split()) for t in inputs)
-            return {
+            return 200, {
                 "object": "list",
                 "data": data,
                 "model": body.get("model"),
@@ -347,45 +694,68 @@ class _Connection(asyncio.Protocol):
             }
         chat = p.endswith("/chat/completions")
         if not chat and not p.endswith("/completions"):
-            return {"error": {"message": f"no route {path}"}}
+            return 404, {"error": {"message": f"no route {path}"}}
         n = 1 if cfg.ignore_n else int(body.get("n") or 1)
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 10_000
-        seed = body.get("seed")
-        rf = body.get("response_format") or {}
-        schema = None
-        if rf.get("type") == "json_schema":
-            schema = rf.get("json_schema", {}).get("schema", {})
-        elif rf.get("type") == "json_object":
-            schema = rf.get("schema", {"type": "object", "properties": {"answer": {"type": "string"}}})
-        had_assistant = chat and any(m.get("role") == "assistant" for m in body.get("messages", []))
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 10_000)
+        found = st.find_rule(body, chat) if st.rules else None
+        conversation = _role_text(body, chat, "any") or ""
+        if found is None and st.rules:
+            if deliver:
+                st.unmatched += 1
+            if cfg.unmatched == "error":
+                msg = f"no script rule matched (of {len(st.rules)}; unmatched='error'); the request: {conversation[:300]!r}"
+                return 501, {"error": {"message": msg, "type": "no_script_rule"}}
+        lp_asked = body.get("logprobs")
+        top_k = body.get("top_logprobs")
+        if top_k is None and not chat and isinstance(lp_asked, int) and not isinstance(lp_asked, bool):
+            top_k = lp_asked  # the legacy completions API names the count `logprobs`
         choices = []
         completion_tokens = 0
         for i in range(n):
-            words = f"reply to: {prompt}".split()
-            if seed is not None:
-                words.append(f"(seed {seed})")
-            if n > 1:
-                words.append(f"[choice {i}]")
-            finish = "stop"
-            if len(words) > max_tokens:
-                words, finish = words[:max_tokens], "length"
-            text = " ".join(words)
-            if schema is not None:
-                if "[[badjson]]" in prompt and not had_assistant:
-                    text = "Here is what you asked for, though not as JSON."
+            scripted: list[dict[str, Any]] | None = None
+            if found is None:
+                text, finish = self.echo(body, prompt, chat, i, n, max_tokens)
+            else:
+                index, rule, m = found
+                item = st.pick(index, rule, conversation, int(body.get("seed") or 0) + i, deliver)
+                try:
+                    if "json" in item:
+                        text = json.dumps(_expand(item["json"], m) if rule.template else item["json"])
+                    else:
+                        text = m.expand(item["text"]) if rule.template else item["text"]
+                except (re.error, IndexError) as e:
+                    msg = f"script rule {index} ({rule.name!r}): a reply template does not fit its match: {e}"
+                    return 501, {"error": {"message": msg, "type": "bad_script_rule"}}
+                forced = item.get("finish_reason") or rule.finish_reason
+                if forced is None:
+                    cut = _cut(text, max_tokens)
+                    text, finish = (text, "stop") if cut is None else (cut, "length")
                 else:
-                    text = json.dumps(_instance(schema, text, schema.get("$defs", {})))
+                    finish = str(forced)
+                scripted = item["logprobs"] if item.get("logprobs") is not None else rule.logprobs
             completion_tokens += len(text.split())
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+                choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             else:
-                choices.append({"index": i, "text": text, "finish_reason": finish})
+                choice = {"index": i, "text": text, "finish_reason": finish}
+            if lp_asked:
+                lp = _chat_logprobs(scripted, text, int(top_k or 0))
+                choice["logprobs"] = lp if chat else _legacy_logprobs(lp)
+            choices.append(choice)
         if chat:
             prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         else:
             prompt_tokens = len(str(body.get("prompt", "")).split())
-        return {
-            "id": f"fake-{self.state.total}",
+        if found is not None:
+            rule = found[1]
+            if deliver:
+                st.hits[rule.name] += 1
+                st.samples[rule.name] += n
+            if rule.usage:
+                prompt_tokens = rule.usage.get("prompt_tokens", prompt_tokens)
+                completion_tokens = rule.usage.get("completion_tokens", completion_tokens)
+        return 200, {
+            "id": f"fake-{st.total}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": body.get("model", cfg.model),
@@ -396,6 +766,33 @@ class _Connection(asyncio.Protocol):
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    @staticmethod
+    def echo(body: dict[str, Any], prompt: str, chat: bool, i: int, n: int, max_tokens: int) -> tuple[str, str]:
+        """The unscripted answer to choice `i`: "reply to: <prompt>", or an instance of the asked JSON schema."""
+        seed = body.get("seed")
+        rf = body.get("response_format") or {}
+        schema = None
+        if rf.get("type") == "json_schema":
+            schema = rf.get("json_schema", {}).get("schema", {})
+        elif rf.get("type") == "json_object":
+            schema = rf.get("schema", {"type": "object", "properties": {"answer": {"type": "string"}}})
+        words = f"reply to: {prompt}".split()
+        if seed is not None:
+            words.append(f"(seed {seed})")
+        if n > 1:
+            words.append(f"[choice {i}]")
+        finish = "stop"
+        if len(words) > max_tokens:
+            words, finish = words[:max_tokens], "length"
+        text = " ".join(words)
+        if schema is not None:
+            had_assistant = chat and any(m.get("role") == "assistant" for m in body.get("messages", []))
+            if "[[badjson]]" in prompt and not had_assistant:
+                text = "Here is what you asked for, though not as JSON."
+            else:
+                text = json.dumps(_instance(schema, text, schema.get("$defs", {})))
+        return text, finish
 
 
 async def serve(config: FaultConfig, port: int = 0, ready: Any = None) -> None:
@@ -414,11 +811,11 @@ class FaultServer:
     """Runs the fault-injecting server in a child process; a context manager.
 
     `base_url` is ready for `OpenAICompatible(base_url=...)`; `stats()`, `reset()` and `configure(**fields)` talk to
-    the running server.
+    the running server. Settings are `FaultConfig`'s fields; `script` takes `Rule`s or their dicts, checked here.
     """
 
     def __init__(self, **config: Any) -> None:
-        self.config = FaultConfig(**config)
+        self.config = FaultConfig(**check_settings(config))
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
 
@@ -469,6 +866,7 @@ class FaultServer:
         unknown = set(fields) - set(asdict(self.config))
         if unknown:
             raise ValueError(f"unknown fault server settings {sorted(unknown)}; valid: {sorted(asdict(self.config))}")
+        fields = check_settings(fields)
         for k, v in fields.items():
             setattr(self.config, k, v)
         self._call("/config", fields)
