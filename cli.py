@@ -105,12 +105,29 @@ def run(
               help="File format to write: json, jsonl, parquet, csv or hf (default: from DST's extension).")
 @click.option("--on-bad-record", type=click.Choice(["fail", "skip", "quarantine"]), default="fail",
               show_default=True, help="What to do with a malformed input record.")
-def convert(src: Path, dst: Path, to_layout: str, file_format: str | None, on_bad_record: str) -> None:
+@click.option("--repair", default="none", show_default=True,
+              help="Fix conversations that break the turn rules instead of treating them as bad records: none, "
+                   "safe (drop_empty_turns, drop_leading_assistant, merge_same_role), all (also "
+                   "drop_trailing_user), or repair names separated by commas. Repaired rows list their repairs "
+                   "in a `repairs` column.")
+def convert(src: Path, dst: Path, to_layout: str, file_format: str | None, on_bad_record: str, repair: str) -> None:
     """Convert SRC (any supported layout and format) into DST with another layout or format."""
-    from thresher.data import convert as convert_file
+    from thresher.data.convert import convert_report
 
-    n = convert_file(src, dst, to_layout=to_layout, file_format=file_format, on_bad_record=on_bad_record)
+    n, report = convert_report(
+        src, dst, to_layout=to_layout, file_format=file_format, on_bad_record=on_bad_record, repair=repair
+    )
     click.echo(f"wrote {n} rows to {dst} ({to_layout})")
+    left_out = report.skipped + report.quarantined
+    if left_out:
+        how = "quarantined" if report.quarantined else "skipped"
+        where = f" (see {report.quarantine_path})" if report.quarantine_path else ""
+        click.echo(f"{how} {left_out} of {report.read} records{where}")
+    if any(report.repaired.values()):
+        click.echo("repaired: " + ", ".join(f"{k} {v}" for k, v in report.repaired.items() if v))
+    if report.repairable_records:
+        needed = ", ".join(f"{k} {v}" for k, v in sorted(report.repairable.items()))
+        click.echo(f"--repair safe would read {report.repairable_records} of them (needed: {needed})")
 
 
 @main.command()

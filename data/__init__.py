@@ -1,6 +1,6 @@
 """Records: the row schema, readers and writers for every layout and file format, format conversion."""
 
-from thresher.data.convert import convert, peek_columns, peek_record_columns, summarize
+from thresher.data.convert import convert, convert_report, peek_columns, peek_record_columns, summarize
 from thresher.data.layouts import LAYOUTS, LLAMA_FACTORY_LAYOUTS
 from thresher.data.readers import (
     DEFAULT_MAX_FIELD_CHARS,
@@ -12,6 +12,7 @@ from thresher.data.readers import (
     records_to_table,
 )
 from thresher.data.record import CANONICAL_COLUMNS, RECORD_SCHEMA, Record, record_id
+from thresher.data.repair import DEFAULT_REPAIR, REPAIR_PRESETS, REPAIRS, normalize_repair
 from thresher.data.sources import FILE_FORMATS
 from thresher.data.steps import Concat, Load
 from thresher.data.writers import dataset_info_entry, layout_table, write_dataset_info, write_records
@@ -19,19 +20,24 @@ from thresher.data.writers import dataset_info_entry, layout_table, write_datase
 __all__ = [
     "CANONICAL_COLUMNS",
     "DEFAULT_MAX_FIELD_CHARS",
+    "DEFAULT_REPAIR",
     "FILE_FORMATS",
     "LAYOUTS",
     "LLAMA_FACTORY_LAYOUTS",
     "ON_BAD_RECORD",
     "RECORD_SCHEMA",
+    "REPAIRS",
+    "REPAIR_PRESETS",
     "Concat",
     "Load",
     "ReadResult",
     "Record",
     "convert",
+    "convert_report",
     "dataset_info_entry",
     "default_quarantine_path",
     "layout_table",
+    "normalize_repair",
     "peek_columns",
     "peek_record_columns",
     "read_records",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from thresher.data.layouts import detect_layout, extra_columns, normalize_layout
-from thresher.data.readers import read_records_report
+from thresher.data.layouts import CONVERSATION_LAYOUTS, detect_layout, extra_columns, normalize_layout
+from thresher.data.readers import ReadResult, read_records_report
 from thresher.data.record import CANONICAL_COLUMNS
+from thresher.data.repair import DEFAULT_REPAIR, REPAIRS_COLUMN, normalize_repair
 from thresher.data.sources import detect_format, read_parquet_table
 from thresher.data.writers import write_canonical
 
@@ -34,12 +36,45 @@ def convert(
     from_layout: str | None = None,
     quarantine_path: str | os.PathLike[str] | None = None,
     extra_columns: bool = True,
+    repair: str | Iterable[str] | None = DEFAULT_REPAIR,
 ) -> int:
     """Read `src` (any layout and format, detected unless `from_layout` is given) and write it to `dst` in
-    `to_layout` and `file_format` (None: from dst's extension). Returns the number of rows written."""
+    `to_layout` and `file_format` (None: from dst's extension). Returns the number of rows written.
+
+    repair: fixes for conversations that break the turn rules (see `read_records_report`); the rows it changed
+    carry them in the `repairs` column."""
+    return convert_report(
+        src,
+        dst,
+        to_layout=to_layout,
+        file_format=file_format,
+        on_bad_record=on_bad_record,
+        from_layout=from_layout,
+        quarantine_path=quarantine_path,
+        extra_columns=extra_columns,
+        repair=repair,
+    )[0]
+
+
+def convert_report(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    to_layout: str,
+    file_format: str | None = None,
+    on_bad_record: str = "fail",
+    from_layout: str | None = None,
+    quarantine_path: str | os.PathLike[str] | None = None,
+    extra_columns: bool = True,
+    repair: str | Iterable[str] | None = DEFAULT_REPAIR,
+) -> tuple[int, ReadResult]:
+    """`convert`, also returning the read report (counts of skipped, quarantined and repaired records)."""
     to_layout = normalize_layout(to_layout)  # a bad choice fails before the read
-    res = read_records_report(src, layout=from_layout, on_bad_record=on_bad_record, quarantine_path=quarantine_path)
-    return write_canonical(res.table, dst, layout=to_layout, file_format=file_format, extra_columns=extra_columns)
+    res = read_records_report(
+        src, layout=from_layout, on_bad_record=on_bad_record, quarantine_path=quarantine_path, repair=repair
+    )
+    n = write_canonical(res.table, dst, layout=to_layout, file_format=file_format, extra_columns=extra_columns)
+    return n, res
 
 
 # ---- peeking --------------------------------------------------------------------------------------------
@@ -130,13 +165,20 @@ def peek_columns(path: str | os.PathLike[str], file_format: str | None = None) -
 
 
 def peek_record_columns(
-    path: str | os.PathLike[str], *, layout: str | None = None, file_format: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    layout: str | None = None,
+    file_format: str | None = None,
+    repair: str | Iterable[str] | None = DEFAULT_REPAIR,
 ) -> list[str]:
     """The columns `read_records` will return for this file: canonical ones, then the extras seen in its first
     records (later records may add more)."""
     keys = peek_columns(path, file_format)
     lay = normalize_layout(layout) if layout is not None else detect_layout(keys) or "alpaca"
-    return [*CANONICAL_COLUMNS, *extra_columns(keys, lay)]
+    cols = [*CANONICAL_COLUMNS, *extra_columns(keys, lay)]
+    if normalize_repair(repair) and lay in CONVERSATION_LAYOUTS and REPAIRS_COLUMN not in cols:
+        cols.append(REPAIRS_COLUMN)
+    return cols
 
 
 # ---- summaries ------------------------------------------------------------------------------------------

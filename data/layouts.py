@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from thresher.data.record import CANONICAL_COLUMNS, ID_BYTES, RECORD_SCHEMA
+from thresher.data.repair import REPAIR_PRESETS, REPAIRS_COLUMN, Turn, repair_turns
 from thresher.errors import ConfigError
 
 #: Layouts the readers and writers know.
@@ -37,7 +38,8 @@ LLAMA_FACTORY_LAYOUTS: tuple[str, ...] = ("alpaca", "sharegpt", "messages")
 EXTRA_INSTANCES = "extra_instances"
 
 _USER_ROLES = frozenset({"human", "user"})
-_ASSISTANT_ROLES = frozenset({"gpt", "assistant", "model"})
+# ShareGPT dumps name the assistant after the product that answered
+_ASSISTANT_ROLES = frozenset({"gpt", "assistant", "model", "chatgpt", "bing", "bard"})
 _SYSTEM_ROLES = frozenset({"system"})
 _VALID_ROLES = sorted(_USER_ROLES | _ASSISTANT_ROLES | _SYSTEM_ROLES)
 _ROLE_KIND = {
@@ -51,6 +53,10 @@ def _at(key: str, j: int | None) -> str:
     return key if j is None else f"{key}[{j}]"
 
 
+def _an(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
 # Keys each layout turns into canonical fields; everything else in a row is an extra column kept as is.
 _CONSUMED: dict[str, frozenset[str]] = {
     "alpaca": frozenset(CANONICAL_COLUMNS),
@@ -62,6 +68,8 @@ _CONSUMED: dict[str, frozenset[str]] = {
 _CANONICAL = frozenset(CANONICAL_COLUMNS)
 # where each conversation layout keeps its turns
 _TURNS_KEY = {"sharegpt": "conversations", "messages": "messages", "prompt_completion": "prompt"}
+#: Layouts whose rows are conversations (a list of turns): the ones the reader's repairs apply to.
+CONVERSATION_LAYOUTS: tuple[str, ...] = tuple(_TURNS_KEY)
 
 
 class _Missing:
@@ -120,6 +128,8 @@ class Problem:
     field: str | None
     reason: str
     truncated: bool = False
+    #: repairs that would read this record (a conversation that breaks the turn rules); empty when none would
+    repair: tuple[str, ...] = ()
 
 
 @dataclass
@@ -160,9 +170,11 @@ class Frame:
 
 
 class _Bad(Exception):
-    def __init__(self, field: str | None, reason: str) -> None:
+    def __init__(self, field: str | None, reason: str, *, repairable: bool = False) -> None:
         super().__init__(reason)
         self.field, self.reason = field, reason
+        #: a repair (REPAIRS) may fix this: the reader tries them to say which
+        self.repairable = repairable
 
 
 #: How deep a field's value may nest lists and objects ([] is 1 level, [[1]] 2). Far beyond real records, and
@@ -254,8 +266,13 @@ def _text_messages(value: str) -> Any:
 class _Reader:
     """Turns one Frame in one layout into canonical columns plus extras, collecting bad rows."""
 
-    def __init__(self, frame: Frame, layout: str, max_field_chars: int | None) -> None:
+    def __init__(
+        self, frame: Frame, layout: str, max_field_chars: int | None, repairs: frozenset[str] = frozenset()
+    ) -> None:
         self.frame, self.layout, self.max = frame, layout, max_field_chars
+        self.repairs = repairs
+        #: rows read with repairs: the repairs each needed
+        self.repaired: dict[int, tuple[str, ...]] = {}
         self.n = frame.n
         self.bad: dict[int, Problem] = dict(frame.bad)
         self.cols: dict[str, list[Any]] = {c: [None] * self.n for c in CANONICAL_COLUMNS}
@@ -269,9 +286,9 @@ class _Reader:
         if col is not None and not isinstance(col, list) and col.type == RECORD_SCHEMA.field(name).type:
             self.arrow[name] = col
 
-    def mark(self, i: int, field: str | None, reason: str) -> None:
+    def mark(self, i: int, field: str | None, reason: str, repair: tuple[str, ...] = ()) -> None:
         if i not in self.bad:
-            self.bad[i] = Problem(field, reason)
+            self.bad[i] = Problem(field, reason, repair=repair)
 
     def too_long(self, s: str) -> bool:
         return self.max is not None and len(s) > self.max
@@ -498,57 +515,88 @@ class _Reader:
 
     def _conversations(self) -> None:
         f = self.frame
-        layout = self.layout
-        key = _TURNS_KEY[layout]
+        key = _TURNS_KEY[self.layout]
         turns_col = f.values(key)
-        completion_col = f.values("completion") if layout == "prompt_completion" else None
-        system_col = f.values("system")
-        input_col = f.values("input")
+        completion_col = f.values("completion") if self.layout == "prompt_completion" else None
+        system_col, input_col = f.values("system"), f.values("input")
         cols = self.cols
+        safe = frozenset(REPAIR_PRESETS["safe"])
         for i in range(self.n):
             if i in self.bad:
                 continue
+            done: list[str] = []
+            row = (turns_col[i], None if completion_col is None else completion_col[i], system_col[i], input_col[i])
             try:
-                turns = turns_col[i]
-                if f.from_text and isinstance(turns, str):
-                    turns = _parse_text(turns, key) if key != "prompt" else _text_messages(turns)
-                if turns is MISSING or turns is None:
-                    raise _Bad(key, f"missing required field (the {layout} layout needs {key!r})")
-                if completion_col is not None:
-                    system, history, last_user, output = self._prompt_completion(turns, completion_col[i])
-                else:
-                    system, history, last_user, output = self._walk(turns, key)
-                top_system = system_col[i]
-                if top_system is not MISSING and top_system is not None:
-                    if type(top_system) is not str:
-                        raise _Bad("system", f"expected a string or null, found {describe(top_system)}")
-                    if system is not None and system != top_system:
-                        raise _Bad("system", "differs from the system turn of the conversation; keep one of them")
-                    system = top_system
-                inp = input_col[i]
-                if inp is MISSING or inp is None or inp == "":
-                    instruction, inp = last_user, ""
-                elif type(inp) is not str:
-                    raise _Bad("input", f"expected a string, found {describe(inp)}")
-                elif last_user.endswith("\n" + inp):
-                    instruction = last_user[: len(last_user) - len(inp) - 1]
-                else:
-                    raise _Bad(
-                        "input",
-                        "does not match the end of the last user turn (a top-level 'input' next to a conversation "
-                        "is the tail of that turn, after a newline)",
-                    )
-                if not instruction.strip():
-                    raise _Bad(key, "the last user turn is empty: every record needs an instruction")
-                for name, s in (("instruction", instruction), ("input", inp), ("system", system)):
-                    if s is not None and self.too_long(s):
-                        raise _Bad(name, self.long_reason(s))
-                cols["instruction"][i], cols["input"][i], cols["output"][i] = instruction, inp, output
-                cols["system"][i], cols["history"][i] = system, history
+                values = self._conversation(*row, done)
             except _Bad as e:
-                self.mark(i, e.field, e.reason)
+                fix: tuple[str, ...] = ()
+                if e.repairable and not safe <= self.repairs:
+                    # say which repairs would read it: the same row again with the safe ones on as well
+                    asked, self.repairs = self.repairs, self.repairs | safe
+                    trial: list[str] = []
+                    try:
+                        self._conversation(*row, trial)
+                        fix = tuple(r for r in trial if r not in asked)
+                    except _Bad:
+                        pass
+                    finally:
+                        self.repairs = asked
+                reason = e.reason
+                if fix:
+                    names = ", ".join(fix)
+                    reason += (
+                        f"; adding {names} to repair would read it"
+                        if self.repairs
+                        else f"; repair='safe' would read it (it needs {names})"
+                    )
+                self.mark(i, e.field, reason, fix)
+                continue
+            cols["instruction"][i], cols["input"][i], cols["output"][i], cols["system"][i], cols["history"][i] = values
+            if done:
+                self.repaired[i] = tuple(done)
 
-    def _prompt_completion(self, prompt: Any, completion: Any) -> tuple[str | None, list[list[str]], str, str | None]:
+    def _conversation(
+        self, turns: Any, completion: Any, top_system: Any, inp: Any, done: list[str]
+    ) -> tuple[str, str, str | None, str | None, list[list[str]]]:
+        """(instruction, input, output, system, history) of one conversation row; the repairs made go in `done`."""
+        layout = self.layout
+        key = _TURNS_KEY[layout]
+        if self.frame.from_text and isinstance(turns, str):
+            turns = _parse_text(turns, key) if key != "prompt" else _text_messages(turns)
+        if turns is MISSING or turns is None:
+            raise _Bad(key, f"missing required field (the {layout} layout needs {key!r})")
+        if layout == "prompt_completion":
+            system, history, last_user, output = self._prompt_completion(turns, completion, done)
+        else:
+            system, history, last_user, output = self._walk(turns, key, done)
+        if top_system is not MISSING and top_system is not None:
+            if type(top_system) is not str:
+                raise _Bad("system", f"expected a string or null, found {describe(top_system)}")
+            if system is not None and system != top_system:
+                raise _Bad("system", "differs from the system turn of the conversation; keep one of them")
+            system = top_system
+        if inp is MISSING or inp is None or inp == "":
+            instruction, inp = last_user, ""
+        elif type(inp) is not str:
+            raise _Bad("input", f"expected a string, found {describe(inp)}")
+        elif last_user.endswith("\n" + inp):
+            instruction = last_user[: len(last_user) - len(inp) - 1]
+        else:
+            raise _Bad(
+                "input",
+                "does not match the end of the last user turn (a top-level 'input' next to a conversation "
+                "is the tail of that turn, after a newline)",
+            )
+        if not instruction.strip():
+            raise _Bad(key, "the last user turn is empty: every record needs an instruction", repairable=True)
+        for name, s in (("instruction", instruction), ("input", inp), ("system", system)):
+            if s is not None and self.too_long(s):
+                raise _Bad(name, self.long_reason(s))
+        return instruction, inp, output, system, history
+
+    def _prompt_completion(
+        self, prompt: Any, completion: Any, done: list[str]
+    ) -> tuple[str | None, list[list[str]], str, str | None]:
         if self.frame.from_text and isinstance(completion, str):
             completion = _text_messages(completion)
         if type(prompt) is str:  # TRL's plain-text prompt/completion
@@ -557,7 +605,7 @@ class _Reader:
             system, last_user = None, prompt
             history: list[list[str]] = []
         else:
-            system, history, last_user, out = self._walk(prompt, "prompt")
+            system, history, last_user, out = self._walk(prompt, "prompt", done, prompt_only=True)
             if out is not None:
                 raise _Bad("prompt", "must end with a user turn; the answer belongs in 'completion'")
         if completion is MISSING or completion is None:
@@ -577,8 +625,11 @@ class _Reader:
             raise _Bad("completion[0]", f"expected an assistant message, found role {role!r}")
         return system, history, last_user, content
 
-    def _message(self, m: Any, key: str, j: int | None = None) -> tuple[str, str]:
-        """(user|assistant|system, content) of message `key[j]`; names the message in errors."""
+    def _message(self, m: Any, key: str, j: int | None = None, *, empty_ok: bool = False) -> tuple[str, str | None]:
+        """(user|assistant|system, content) of message `key[j]`; names the message in errors.
+
+        empty_ok: a missing or null content comes back as None (drop_empty_turns drops it) instead of an error.
+        """
         if type(m) is dict:
             # look at values, not keys: Arrow gives a message every key any message of the column has (as null)
             if m.get("from") is not None or ("from" in m and "role" not in m):
@@ -596,7 +647,12 @@ class _Reader:
                 f"{_at(key, j)}.{role_key}", f"unsupported role {role!r}; valid roles: {', '.join(_VALID_ROLES)}"
             )
         if type(content) is not str:
-            raise _Bad(f"{_at(key, j)}.{content_key}", f"expected a string, found {describe(content)}")
+            empty = content is None or content is MISSING
+            if empty and empty_ok:
+                return kind, None
+            raise _Bad(
+                f"{_at(key, j)}.{content_key}", f"expected a string, found {describe(content)}", repairable=empty
+            )
         if self.max is not None and len(content) > self.max:
             raise _Bad(f"{_at(key, j)}.{content_key}", self.long_reason(content))
         if len(m) > 2:
@@ -605,26 +661,36 @@ class _Reader:
             )
         return kind, content
 
-    def _walk(self, turns: Any, key: str) -> tuple[str | None, list[list[str]], str, str | None]:
-        """(system, history, last user turn, answer or None) of a conversation."""
+    def _walk(
+        self, turns: Any, key: str, done: list[str], *, prompt_only: bool = False
+    ) -> tuple[str | None, list[list[str]], str, str | None]:
+        """(system, history, last user turn, answer or None) of a conversation, with the reader's repairs made
+        (see thresher.data.repair); the names of those that changed something are appended to `done`."""
         if not isinstance(turns, list):
             raise _Bad(key, f"expected a list of messages, found {describe(turns)}")
+        empty_ok = "drop_empty_turns" in self.repairs
+        parsed: list[Turn] = [(j, *self._message(m, key, j, empty_ok=empty_ok)) for j, m in enumerate(turns)]
+        if self.repairs:
+            parsed, made = repair_turns(parsed, self.repairs, prompt_only=prompt_only)
+            done.extend(made)
+            if "merge_same_role" in made and self.max is not None:
+                for j, _, content in parsed:
+                    if content is not None and len(content) > self.max:
+                        raise _Bad(_at(key, j), f"merged with the turns after it: {self.long_reason(content)}")
         system = None
+        start = 0
+        if parsed and parsed[0][1] == "system":
+            system, start = parsed[0][2], 1
         users: list[str] = []
         answers: list[str] = []
-        start = 0
-        if turns:
-            role, content = self._message(turns[0], key, 0)
-            if role == "system":
-                system, start = content, 1
-        for j in range(start, len(turns)):
-            role, content = self._message(turns[j], key, j)
-            want = "user" if (j - start) % 2 == 0 else "assistant"
+        for n, (j, role, content) in enumerate(parsed[start:]):
+            want = "user" if n % 2 == 0 else "assistant"
             if role != want:
                 rk = "from" if turns[j].get("from") is not None else "role"
-                where = "only first" if role == "system" else f"expected a {want} turn here (turns alternate)"
-                raise _Bad(f"{key}[{j}].{rk}", f"found a {role} turn; {where}")
-            (users if role == "user" else answers).append(content)
+                where = "only first" if role == "system" else f"expected {_an(want)} turn here (turns alternate)"
+                raise _Bad(f"{key}[{j}].{rk}", f"found {_an(role)} turn; {where}", repairable=role != "system")
+            # content is None only for an empty turn, which drop_empty_turns has dropped by now
+            (users if role == "user" else answers).append(content or "")
         if not users:
             raise _Bad(key, "has no user turn")
         if len(users) == len(answers):
@@ -654,6 +720,21 @@ class _Reader:
                 out[name] = col
         if self.extra_instances is not None:
             out[EXTRA_INSTANCES] = self.extra_instances
+        if self.repairs and self.layout in CONVERSATION_LAYOUTS:
+            out[REPAIRS_COLUMN] = self._repairs_column(out.get(REPAIRS_COLUMN))
+        return out
+
+    def _repairs_column(self, given: list[Any] | pa.ChunkedArray | pa.Array | None) -> list[list[str]]:
+        """Each row's repairs: those a file read before (re-reading a repaired file) and then this read's."""
+        before = [None] * self.n if given is None else given if isinstance(given, list) else given.to_pylist()
+        out: list[list[str]] = []
+        for i, prior in enumerate(before):  # (a CSV column of JSON lists is parsed already: _infer_text_column)
+            if prior is None or prior is MISSING:
+                prior = []
+            elif not (isinstance(prior, list) and all(type(r) is str for r in prior)):
+                self.mark(i, REPAIRS_COLUMN, f"expected a list of repair names, found {describe(prior)}")
+                prior = []
+            out.append([*prior, *self.repaired.get(i, ())])
         return out
 
     def _check_long_list(self, name: str, values: list[Any]) -> None:
@@ -715,13 +796,18 @@ class CanonicalColumns:
     dropped_message_keys: set[str]
     #: canonical columns to take from the source as they are (same values as in `columns`)
     arrow: dict[str, pa.ChunkedArray | pa.Array] = field(default_factory=dict)
+    #: rows read with repairs (bad rows among them too): the repairs each needed
+    repaired: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
-def to_canonical(frame: Frame, layout: str, max_field_chars: int | None) -> CanonicalColumns:
-    r = _Reader(frame, layout, max_field_chars)
+def to_canonical(
+    frame: Frame, layout: str, max_field_chars: int | None, repairs: frozenset[str] = frozenset()
+) -> CanonicalColumns:
+    """The frame's rows as canonical columns; `repairs` (see thresher.data.repair) fix conversations on the way."""
+    r = _Reader(frame, layout, max_field_chars, repairs)
     r.read()
     extras = r.extras()
-    return CanonicalColumns(r.cols, extras, r.bad, r.dropped_message_keys, r.arrow)
+    return CanonicalColumns(r.cols, extras, r.bad, r.dropped_message_keys, r.arrow, r.repaired)
 
 
 def first_type_conflict(values: Sequence[Any]) -> int | None:

@@ -4,6 +4,9 @@ A record that cannot be read becomes a RecordError naming the file, the line (JS
 HF; row 1 is the first record) and the field. `on_bad_record` decides what happens next: "fail" raises the first
 one in file order; "skip" drops each with a logged warning; "quarantine" also writes it, raw, to a JSONL file with
 where and why. Either way the counts balance: read = kept + skipped + quarantined.
+
+`repair` (off by default; see thresher.data.repair) fixes conversations that break the turn rules instead of
+leaving them out; the report counts each kind of repair, and the `repairs` column names those made to each row.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ from thresher.data.layouts import (
     to_canonical,
 )
 from thresher.data.record import Record
+from thresher.data.repair import DEFAULT_REPAIR, REPAIRS, normalize_repair
 from thresher.data.sources import Source, detect_format, load
 from thresher.errors import ConfigError, RecordError, TruncatedFileError
 
@@ -41,6 +46,7 @@ ON_BAD_RECORD: tuple[str, ...] = ("fail", "skip", "quarantine")
 DEFAULT_MAX_FIELD_CHARS = 1_000_000
 
 _WARN_FIRST = 20  # log this many skipped records one by one, then only a total
+_REPAIR_EXAMPLES = 5  # line/row numbers the report keeps per kind of repair
 
 
 @dataclass
@@ -60,6 +66,15 @@ class ReadResult:
     quarantine_path: str | None = None
     #: one RecordError per record left out (skipped or quarantined), in file order
     errors: list[RecordError] = field(default_factory=list)
+    #: the repairs asked for (REPAIRS order); empty when repair is off
+    repairs: tuple[str, ...] = ()
+    #: kept records each repair changed, per repair asked for (a record may count under several)
+    repaired: dict[str, int] = field(default_factory=dict)
+    #: where the first few records each repair changed are: lines (JSON, JSONL) or 1-based rows (other formats)
+    repair_examples: dict[str, list[int]] = field(default_factory=dict)
+    #: records left out that the repairs not asked for would have read: how many, and per repair they need
+    repairable_records: int = 0
+    repairable: dict[str, int] = field(default_factory=dict)
 
     @property
     def kept(self) -> int:
@@ -75,6 +90,14 @@ class ReadResult:
         if self.truncated:
             out["truncated"] = True
             out["complete_records"] = self.complete_records
+        if self.repairs:
+            out["repaired"] = dict(self.repaired)
+            out["repaired_lines" if self.file_format in ("json", "jsonl") else "repaired_rows"] = {
+                k: list(v) for k, v in self.repair_examples.items()
+            }
+        if self.repairable_records:
+            out["repairable_records"] = self.repairable_records
+            out["repairable"] = dict(self.repairable)
         return out
 
 
@@ -103,15 +126,20 @@ def read_records_report(
     quarantine_path: str | os.PathLike[str] | None = None,
     max_field_chars: int | None = DEFAULT_MAX_FIELD_CHARS,
     limit: int | None = None,
+    repair: str | Iterable[str] | None = DEFAULT_REPAIR,
 ) -> ReadResult:
-    """Read a data file into canonical records and report what was read, skipped and quarantined.
+    """Read a data file into canonical records and report what was read, skipped, quarantined and repaired.
 
     layout: alpaca, sharegpt, messages (alias openai), prompt_completion or self_instruct; None detects it from the
     keys present. file_format: json, jsonl, parquet, csv or hf; None goes by the extension (or, for a directory,
     its contents). limit: read only the first `limit` records of the file (bad ones among them count as usual).
+    repair: fixes for conversations that break the turn rules, "none" (default), "safe", "all" or a list of
+    drop_empty_turns, drop_leading_assistant, merge_same_role (joins the turns with a blank line, "\n\n"),
+    drop_trailing_user; see thresher.data.repair. With any on, conversation layouts get a `repairs` column.
     """
     p = Path(path)
     q_path = _check_options(on_bad_record, quarantine_path, p)
+    repairs = normalize_repair(repair)
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0 or None, got {limit}")
     if max_field_chars is not None and max_field_chars < 1:
@@ -119,7 +147,7 @@ def read_records_report(
     fmt = detect_format(p, file_format)
     src = load(p, fmt, limit=limit)
     lay = _layout_of(src, layout)
-    return _finish(src, lay, on_bad_record, q_path, max_field_chars)
+    return _finish(src, lay, on_bad_record, q_path, max_field_chars, repairs)
 
 
 def read_records(
@@ -131,10 +159,11 @@ def read_records(
     quarantine_path: str | os.PathLike[str] | None = None,
     max_field_chars: int | None = DEFAULT_MAX_FIELD_CHARS,
     limit: int | None = None,
+    repair: str | Iterable[str] | None = DEFAULT_REPAIR,
 ) -> pa.Table:
     """Read a data file in any supported layout and format into a table: canonical columns first, extras after.
 
-    See `read_records_report` for the options and for the counts of skipped and quarantined records.
+    See `read_records_report` for the options and for the counts of skipped, quarantined and repaired records.
     """
     return read_records_report(
         path,
@@ -144,6 +173,7 @@ def read_records(
         quarantine_path=quarantine_path,
         max_field_chars=max_field_chars,
         limit=limit,
+        repair=repair,
     ).table
 
 
@@ -181,10 +211,15 @@ def _error(src: Source, i: int, problem: Problem) -> RecordError:
 
 
 def _finish(
-    src: Source, layout: str, on_bad_record: str, q_path: Path | None, max_field_chars: int | None
+    src: Source,
+    layout: str,
+    on_bad_record: str,
+    q_path: Path | None,
+    max_field_chars: int | None,
+    repairs: frozenset[str] = frozenset(),
 ) -> ReadResult:
     frame = src.frame
-    canon = to_canonical(frame, layout, max_field_chars)
+    canon = to_canonical(frame, layout, max_field_chars, repairs)
     bad = canon.bad
     table: pa.Table | None = None
     while table is None:
@@ -223,6 +258,17 @@ def _finish(
         log.warning("... and %d more bad record(s) in %s", len(errors) - _WARN_FIRST, src.path)
     if q_path is not None:
         _write_quarantine(q_path, src, sorted(bad), bad)
+    asked = tuple(r for r in REPAIRS if r in repairs)
+    repaired, examples = _repair_counts(src, asked, canon.repaired, bad)
+    repairable = Counter(r for p in bad.values() for r in p.repair)
+    n_repairable = sum(1 for p in bad.values() if p.repair)
+    if n_repairable:
+        log.warning(
+            "%s: %d record(s) left out could be read with repair='safe' (needed: %s)",
+            src.path,
+            n_repairable,
+            ", ".join(f"{k} {n}" for k, n in sorted(repairable.items())),
+        )
     return ReadResult(
         table=table,
         path=str(src.path),
@@ -235,7 +281,35 @@ def _finish(
         complete_records=complete,
         quarantine_path=str(q_path) if q_path is not None else None,
         errors=errors,
+        repairs=asked,
+        repaired=repaired,
+        repair_examples=examples,
+        repairable_records=n_repairable,
+        repairable=dict(repairable),
     )
+
+
+def _repair_counts(
+    src: Source, asked: tuple[str, ...], made: Mapping[int, tuple[str, ...]], bad: Mapping[int, Problem]
+) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Per repair asked for: how many kept records it changed, and the line or row numbers of the first few."""
+    counts = dict.fromkeys(asked, 0)
+    examples: dict[str, list[int]] = {r: [] for r in asked}
+    for i in sorted(made):
+        if i in bad:
+            continue
+        for r in made[i]:
+            counts[r] += 1
+            if len(examples[r]) < _REPAIR_EXAMPLES:
+                where = src.where(i)
+                examples[r].append(where["line"] or where["row"] or i + 1)
+    if any(counts.values()):
+        log.info(
+            "%s: repaired %s",
+            src.path,
+            "; ".join(f"{r}: {n} record(s), first at {examples[r]}" for r, n in counts.items() if n),
+        )
+    return counts, {r: v for r, v in examples.items() if v}
 
 
 def _jsonable(value: Any) -> Any:

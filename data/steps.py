@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from thresher.data.readers import (
     read_records_report,
 )
 from thresher.data.record import CANONICAL_COLUMNS
+from thresher.data.repair import DEFAULT_REPAIR, REPAIRS, normalize_repair
 from thresher.data.sources import detect_format, normalize_format
 from thresher.errors import ConfigError, StepError
 from thresher.pipelines.fingerprint import file_digest
@@ -34,7 +35,8 @@ class Load(Generator):
 
     on_bad_record: fail, skip or quarantine. quarantine_path: where quarantined records go; by default the step's
     folder in the run directory (`quarantine.jsonl`), or `<file>.quarantine.jsonl` beside the input when the step
-    runs on its own.
+    runs on its own. repair: fixes for conversations that break the turn rules ("none", "safe", "all" or a list of
+    repair names; see thresher.data.repair).
     """
 
     n_inputs = 0
@@ -51,6 +53,7 @@ class Load(Generator):
         limit: int | None = None,
         quarantine_path: str | os.PathLike[str] | None = None,
         max_field_chars: int | None = DEFAULT_MAX_FIELD_CHARS,
+        repair: str | Iterable[str] | None = DEFAULT_REPAIR,
     ) -> None:
         self.path = path
         self.layout = layout
@@ -59,6 +62,7 @@ class Load(Generator):
         self.limit = limit
         self.quarantine_path = quarantine_path
         self.max_field_chars = max_field_chars
+        self.repair = repair
 
     def check(self) -> None:
         if self.layout is not None:
@@ -71,6 +75,10 @@ class Load(Generator):
             )
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
             raise ConfigError(f"Load: limit must be a non-negative integer or None, got {self.limit!r}")
+        try:
+            normalize_repair(self.repair)
+        except ConfigError as e:
+            raise ConfigError(f"Load: {e}") from None
         if not Path(self.path).exists():
             raise ConfigError(f"Load: path {os.fspath(self.path)!r} does not exist")
 
@@ -79,6 +87,11 @@ class Load(Generator):
         # paths absolute, and a moved project or a run directory copied to another machine must not re-run every step
         params = super().semantic_params()
         params.pop("path", None)
+        # repair by what it does, not how it was spelled ("safe" = its three names, in any order); off, it is left
+        # out, so the fingerprints of loads made before the option existed, and of everything after them, hold
+        repairs = normalize_repair(params.pop("repair", None))
+        if repairs:
+            params["repair"] = [r for r in REPAIRS if r in repairs]
         return params
 
     def fingerprint_extra(self) -> dict[str, Any]:
@@ -90,7 +103,7 @@ class Load(Generator):
 
     def output_columns(self, input_columns: Sequence[Sequence[str]]) -> list[str]:
         self.check()
-        cols = peek_record_columns(self.path, layout=self.layout, file_format=self.file_format)
+        cols = peek_record_columns(self.path, layout=self.layout, file_format=self.file_format, repair=self.repair)
         fmt = detect_format(Path(self.path), self.file_format)
         # Parquet and saved HF datasets carry a schema: exact. Text formats were only peeked at: open.
         return cols if fmt in ("parquet", "hf") else OpenColumns(cols)
@@ -114,6 +127,7 @@ class Load(Generator):
             quarantine_path=self._quarantine_target(),
             max_field_chars=self.max_field_chars,
             limit=self.limit,
+            repair=self.repair,
         )
         table = self.report_.table
         # Ids given in the data are kept as given; repeated ones would make lineage (parent_id, duplicate_of)
