@@ -2,6 +2,7 @@
 
 from thresher.data.convert import convert, convert_report, peek_columns, peek_record_columns, summarize
 from thresher.data.layouts import LAYOUTS, LLAMA_FACTORY_LAYOUTS
+from thresher.data.messages import record_messages, row_messages, system_text, user_text
 from thresher.data.readers import (
     DEFAULT_MAX_FIELD_CHARS,
     ON_BAD_RECORD,
@@ -43,8 +44,12 @@ __all__ = [
     "read_records",
     "read_records_report",
     "record_id",
+    "record_messages",
     "records_to_table",
+    "row_messages",
     "summarize",
+    "system_text",
+    "user_text",
     "write_dataset_info",
     "write_records",
 ]

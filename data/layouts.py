@@ -4,12 +4,14 @@ Reading works column by column over a `Frame` (the file's fields as Python lists
 column is checked in one pass, and a row that breaks a rule is marked bad with the field and the reason, so the
 reader can fail, skip or quarantine it. Conversation layouts walk each row's turn list, since that is their nature.
 
-Mapping between a conversation and the record: an optional system turn first, then `history` as
-(user, assistant) pairs, then the last user turn, which is `instruction`, or `instruction + "\n" + input` when
-`input` is not empty (the join LLaMA-Factory uses for alpaca rows), then the answer (`output`; the conversation
-ends on the user turn when `output` is null). Because the join alone cannot be undone, a conversation row written
-from a record with an input also carries the input as a top-level `input` key; the reader splits the last user
-turn at it, which makes every conversion a lossless round trip.
+Mapping between a conversation and the record (written by `thresher.data.messages.row_messages`, which Respond and
+the trainer share): a system turn first when `system` has text, then `history` as (user, assistant) pairs, then the
+last user turn, which is `instruction`, or `instruction + "\n" + input` when `input` is not empty (the join
+LLaMA-Factory uses for alpaca rows), then the answer (`output`; the conversation ends on the user turn when `output`
+is null). Because the join alone cannot be undone, a conversation row written from a record with an input also
+carries the input as a top-level `input` key; the reader splits the last user turn at it. Likewise an empty or
+whitespace-only `system`, which gives no system turn, is kept as a top-level `system` key. Every conversion is a
+lossless round trip.
 """
 
 from __future__ import annotations
@@ -920,11 +922,6 @@ def build_table(canon: CanonicalColumns, keep: Sequence[int]) -> pa.Table:
 # ---- writing -----------------------------------------------------------------------------------------
 
 
-def user_text(instruction: str, input: str | None) -> str:
-    """The last user turn of a conversation written from a record (LLaMA-Factory's alpaca join)."""
-    return f"{instruction}\n{input}" if input else instruction
-
-
 _MSG_SHAREGPT = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
 _MSG_OPENAI = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 _INSTANCES = pa.list_(pa.struct([("input", pa.string()), ("output", pa.string())]))
@@ -952,20 +949,19 @@ def layout_columns(table: pa.Table, layout: str) -> dict[str, pa.Array | pa.Chun
         if any(hist):
             cols["history"] = table.column("history")
         return cols
+    from thresher.data.messages import row_messages, system_text
+
+    # The turns are thresher.data.messages.row_messages, the mapping Respond and the trainer use too. ShareGPT keeps
+    # the system in its top-level column (LLaMA-Factory's `system` mapping) instead of a turn.
     sharegpt = layout == "sharegpt"
     role_k, content_k = ("from", "value") if sharegpt else ("role", "content")
-    user, assistant, system = ("human", "gpt", "system") if sharegpt else ("user", "assistant", "system")
+    roles = {"user": "human", "assistant": "gpt"} if sharegpt else {r: r for r in ("system", "user", "assistant")}
     convs: list[list[dict[str, str]]] = []
     completions: list[list[dict[str, str]] | None] = []
     for i in range(n):
-        turns: list[dict[str, str]] = []
-        if sys_[i] is not None and not sharegpt:
-            turns.append({role_k: system, content_k: sys_[i]})
-        for u, a in hist[i] or ():
-            turns.append({role_k: user, content_k: u})
-            turns.append({role_k: assistant, content_k: a})
-        turns.append({role_k: user, content_k: user_text(ins[i], inp[i])})
-        answer = None if out[i] is None else {role_k: assistant, content_k: out[i]}
+        messages = row_messages(ins[i], inp[i], None if sharegpt else sys_[i], hist[i], output=out[i])
+        turns = [{role_k: roles[m["role"]], content_k: m["content"]} for m in messages]
+        answer = turns.pop() if out[i] is not None else None
         if layout == "prompt_completion":
             completions.append(None if answer is None else [answer])
         elif answer is not None:
@@ -974,11 +970,15 @@ def layout_columns(table: pa.Table, layout: str) -> dict[str, pa.Array | pa.Chun
     if sharegpt:
         cols["conversations"] = pa.array(convs, type=_MSG_SHAREGPT)
         cols["system"] = table.column("system")
-    elif layout == "messages":
-        cols["messages"] = pa.array(convs, type=_MSG_OPENAI)
     else:
-        cols["prompt"] = pa.array(convs, type=_MSG_OPENAI)
-        cols["completion"] = pa.array(completions, type=_MSG_OPENAI)
+        cols["messages" if layout == "messages" else "prompt"] = pa.array(convs, type=_MSG_OPENAI)
+        if layout == "prompt_completion":
+            cols["completion"] = pa.array(completions, type=_MSG_OPENAI)
+        # A system with no system message (empty or whitespace) is kept as a top-level key, as `input` is, so the
+        # record reads back as it was; the writers drop the key where it is null.
+        if any(s is not None and system_text(s) is None for s in sys_):
+            kept = [s if s is not None and system_text(s) is None else None for s in sys_]
+            cols["system"] = pa.array(kept, type=pa.string())
     if any_input:
         cols["input"] = table.column("input")
     return cols

@@ -76,7 +76,9 @@ def _replace(tmp: Path, path: Path) -> None:
         raise
 
 
-def _write_json(table: pa.Table, path: Path, *, lines: bool, omit_empty_input: bool = False) -> None:
+def _write_json(
+    table: pa.Table, path: Path, *, lines: bool, omit_empty_input: bool = False, omit_null_system: bool = False
+) -> None:
     tmp = _tmp_path(path)
     dumps, default = orjson.dumps, _json_default
     try:
@@ -89,6 +91,11 @@ def _write_json(table: pa.Table, path: Path, *, lines: bool, omit_empty_input: b
                     for row in rows:
                         if row.get("input") == "":
                             del row["input"]
+                if omit_null_system:
+                    # beside a messages list, `system` only keeps an empty system that has no turn (see layouts)
+                    for row in rows:
+                        if "system" in row and row["system"] is None:
+                            del row["system"]
                 if lines:
                     fh.write(b"".join(dumps(row, default=default) + b"\n" for row in rows))
                 else:
@@ -210,7 +217,11 @@ def write_canonical(
     p.parent.mkdir(parents=True, exist_ok=True)
     if fmt in ("json", "jsonl"):
         _write_json(
-            out, p, lines=fmt == "jsonl", omit_empty_input=layout in ("sharegpt", "messages", "prompt_completion")
+            out,
+            p,
+            lines=fmt == "jsonl",
+            omit_empty_input=layout in ("sharegpt", "messages", "prompt_completion"),
+            omit_null_system=layout in ("messages", "prompt_completion"),
         )
     elif fmt == "parquet":
         _write_parquet(out, p)

@@ -1,6 +1,7 @@
 """Chat rendering: canonical rows -> token ids with a loss mask on assistant tokens, and the checks that guard it.
 
-How: each row becomes a list of chat messages, rendered with the tokenizer's chat template once in full and once
+How: each row becomes a list of chat messages (`thresher.data.messages`, the mapping Respond and the writers use
+too), rendered with the tokenizer's chat template once in full and once
 per assistant turn up to that turn (with and without the generation prompt). The character span between the two
 renderings is the assistant's reply; tokens whose offsets start inside it are supervised, up to and including the
 end-of-turn token. Rendering text and mapping back through offsets (rather than tokenizing pieces separately) keeps
@@ -52,21 +53,14 @@ class RenderReport:
 def row_to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     """A canonical row (alpaca layout) as chat messages: system, history pairs, then instruction(+input) -> output.
 
-    The instruction and a non-empty input are joined by a newline, as LLaMA-Factory's alpaca converter does.
+    The mapping is `thresher.data.messages.record_messages`, shared with Respond and the writers (an empty or
+    whitespace-only system gives no system message; instruction and a non-empty input are joined by a newline).
     """
-    messages = []
-    if row.get("system"):
-        messages.append({"role": "system", "content": str(row["system"])})
-    for pair in row.get("history") or []:
-        user, assistant = pair
-        messages.append({"role": "user", "content": str(user)})
-        messages.append({"role": "assistant", "content": str(assistant)})
-    prompt = str(row.get("instruction") or "")
-    if row.get("input"):
-        prompt = f"{prompt}\n{row['input']}" if prompt else str(row["input"])
-    messages.append({"role": "user", "content": prompt})
-    messages.append({"role": "assistant", "content": str(row["output"])})
-    return messages
+    from thresher.data.messages import record_messages  # here: thresher.data's package imports pyarrow
+
+    if row.get("output") is None:
+        raise RecordError(f"row id {row.get('id')!r} has no output (null): answer it before training", field="output")
+    return record_messages(row)
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: str | None) -> str:
