@@ -1,11 +1,12 @@
 """Chat rendering: canonical rows -> token ids with a loss mask on assistant tokens, and the checks that guard it.
 
 How: each row becomes a list of chat messages (`thresher.data.messages`, the mapping Respond and the writers use
-too), rendered with the tokenizer's chat template once in full and once
-per assistant turn up to that turn (with and without the generation prompt). The character span between the two
-renderings is the assistant's reply; tokens whose offsets start inside it are supervised, up to and including the
-end-of-turn token. Rendering text and mapping back through offsets (rather than tokenizing pieces separately) keeps
-the ids exactly those the model sees at inference.
+too), rendered with the tokenizer's chat template once in full and once per assistant turn up to that turn (with
+and without the generation prompt). The character span between the two renderings is the assistant's reply; tokens
+whose offsets start inside it are supervised, up to and including the end-of-turn token. Rendering text and mapping
+back through offsets (rather than tokenizing pieces separately) keeps the ids exactly those the model sees at
+inference. `encode_rendered` and `answer_texts` are the same rendering and tokenization for log-probability scoring
+(IFD in `thresher.llms.hf`), so a scorer scores the tokens the trainer trains on.
 
 Checks that fail loudly before the first step: a template whose renderings are not prefixes of each other, a
 double BOS, an assistant turn that does not end with the end-of-turn token, a row with no output, and a row with
@@ -14,7 +15,7 @@ no supervised token left after truncation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,23 +120,12 @@ def render_rows(
         spans.append(turn_spans)
         ids.append((i, row_id))
 
-    # One batched call: the fast tokenizer encodes in parallel, and offsets map tokens back to characters.
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("x").input_ids[:1] == [bos]
+    encoded = encode_rendered(tokenizer, texts, names=[f"row {row_id!r}" for _, row_id in ids])
 
     examples = []
     for k, (i, row_id) in enumerate(ids):
-        input_ids = list(encoded["input_ids"][k])
-        offsets = encoded["offset_mapping"][k]
+        input_ids, offsets = encoded[k]
         supervised = _mask_from_spans(offsets, input_ids, spans[k], eot_ids, tokenizer, row_id)
-        if adds_bos and input_ids[:1] != [bos]:  # the model expects a BOS the template did not write
-            input_ids, supervised = [bos, *input_ids], [False, *supervised]
-        if bos is not None and input_ids[:2] == [bos, bos]:
-            raise ConfigError(
-                f"row {row_id!r} starts with a double BOS ({tokenizer.bos_token!r} twice): the chat template writes "
-                "a BOS and the text already has one; remove bos_token from the template"
-            )
         truncated = len(input_ids) > max_seq_len
         example = Example(row_id, input_ids[:max_seq_len], supervised[:max_seq_len], truncated)
         if example.n_supervised == 0:
@@ -150,6 +140,94 @@ def render_rows(
         examples.append(example)
     report.kept = len(examples)
     return examples, report
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its BOS before plain text it encodes (so the model was trained with one)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x").input_ids[:1] == [bos]
+
+
+def encode_rendered(
+    tokenizer: Any, texts: Sequence[str], *, names: Sequence[str] | None = None
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets of rendered chat texts, as the trainer feeds them to the model.
+
+    A text is tokenized whole, without special tokens (the chat template writes its own), and the tokenizer's BOS
+    goes first only when the tokenizer adds one to plain text and the text does not already start with it (that
+    BOS gets the offsets (-1, -1), outside every character span). A text that starts with two BOS tokens is a
+    ConfigError, named by `names[k]`. Needs a fast tokenizer (offsets map tokens back to characters).
+    """
+    if not texts:
+        return []
+    # One batched call: the fast tokenizer encodes in parallel.
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    bos = tokenizer.bos_token_id
+    prepend = adds_bos(tokenizer)
+    out = []
+    for k in range(len(texts)):
+        ids = [int(t) for t in encoded["input_ids"][k]]
+        offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"][k]]
+        if prepend and ids[:1] != [bos]:  # the model expects a BOS the template did not write
+            ids, offsets = [bos, *ids], [(-1, -1), *offsets]
+        if bos is not None and ids[:2] == [bos, bos]:
+            name = names[k] if names is not None else f"text {k}"
+            raise ConfigError(
+                f"{name} starts with a double BOS ({tokenizer.bos_token!r} twice): the chat template writes "
+                "a BOS and the text already has one; remove bos_token from the template"
+            )
+        out.append((ids, offsets))
+    return out
+
+
+@dataclass(frozen=True)
+class AnswerTexts:
+    """A conversation's last assistant reply as the chat template writes it, split for log-probability scoring.
+
+    - prompt: the rendering before the reply, ending with the response header (the generation prompt);
+    - header: the response header alone (with the template's BOS when it writes one first): IFD's unconditioned
+      prefix, which keeps the header but drops the instruction;
+    - answer: the reply up to and including its end-of-turn token: exactly the characters of the tokens the trainer
+      supervises in that turn.
+    """
+
+    prompt: str
+    header: str
+    answer: str
+
+
+def answer_texts(
+    tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, Any]]], *, chat_template: str, eot_ids: set[int]
+) -> list[AnswerTexts]:
+    """`AnswerTexts` of each conversation (which ends with an assistant turn), rendered as `render_rows` renders."""
+    fulls, starts = [], []
+    for k, messages in enumerate(conversations):
+        msgs = [dict(m) for m in messages]
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise ConfigError(f"conversation {k} does not end with an assistant turn: there is no answer to score")
+        full, spans = _render_with_spans(tokenizer, msgs, chat_template, False, f"conversation {k}")
+        fulls.append(full)
+        starts.append(spans[-1])
+    encoded = encode_rendered(tokenizer, fulls, names=[f"conversation {k}" for k in range(len(fulls))])
+    out = []
+    for k, (messages, full, (start, end)) in enumerate(zip(conversations, fulls, starts, strict=True)):
+        ids, offsets = encoded[k]
+        supervised = _mask_from_spans(offsets, ids, [(start, end)], eot_ids, tokenizer, f"conversation {k}")
+        last = max(t for t, s in enumerate(supervised) if s)
+        before = [dict(m) for m in messages[:-1]]
+        bare = tokenizer.apply_chat_template(before, chat_template=chat_template, tokenize=False)
+        with_header = full[:start]
+        if not with_header.startswith(bare):
+            raise ConfigError(
+                f"conversation {k}: the chat template's generation prompt does not extend the conversation's "
+                "rendering, so the response header cannot be told apart; set chat_template"
+            )
+        header = with_header[len(bare) :]
+        bos_text = tokenizer.bos_token
+        if bos_text and full.startswith(bos_text) and not header.startswith(bos_text):
+            header = bos_text + header  # the template opens every text with its BOS; the header alone keeps it
+        out.append(AnswerTexts(with_header, header, full[start : offsets[last][1]]))
+    return out
 
 
 def _render_with_spans(
