@@ -43,7 +43,7 @@ class Respond(ModelStep, RowStep):
 
     inputs = ("instruction",)
     outputs = ("output",)
-    VERSION = "1"
+    VERSION = "2"  # 2: a whitespace-only system is no system message (the shared row -> messages rule)
 
     def __init__(
         self,
