@@ -67,7 +67,10 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """base_url of llama-cpp-python's OpenAI-compatible server running the bundled model."""
     pytest.importorskip("llama_cpp")
     from thresher.llms.bundled import smollm2_gguf
+    from thresher.llms.native_probe import ensure_llama_cpp_runs
 
+    # a llama.cpp build this CPU cannot run fails here with the rebuild command, not as a server that exits 132
+    ensure_llama_cpp_runs(smollm2_gguf())
     port = free_port()
     cmd = [
         sys.executable, "-m", "llama_cpp.server",
