@@ -4,6 +4,12 @@ The conversation sent for a row is: its `system` (or the step's `system_prompt`)
 instruction with the row's `input` appended on a new line (LLaMA-Factory's alpaca convention). Every request goes
 through the backend's request cache, so a resumed run pays only for rows that had no answer yet; a row whose
 request failed after the backend's retries leaves through the `failed` output with the reason.
+
+With `n` > 1 the model is asked for n samples per row (one request with `n`; servers that answer fewer choices are
+asked again for the rest, each sample cached on its own) and `pick` says what the row keeps: `first`, `longest`
+(most characters, the first of equals), or `all`: `output` holds the first sample and the list column `outputs`
+every sample in order. A row step returns exactly the rows it was given, so "all" is a list column, not n rows;
+a row missing any of its n samples fails whole, with the backend's reason.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from thresher.errors import ConfigError
 from thresher.pipelines.model_step import ModelStep
 from thresher.pipelines.params import runtime, secret
 from thresher.pipelines.step import RowStep
+
+PICKS = ("first", "longest", "all")
 
 
 def _text(v: Any) -> str:
@@ -39,6 +47,8 @@ class Respond(ModelStep, RowStep):
     backend: a spec dict (`{kind: openai, base_url: ..., model: ...}`, `{kind: llama_cpp}`, see
     `thresher.llms.make_backend`) or a backend object; None uses the embedded llama.cpp model.
     only_missing: answer only rows whose `output` is null or empty, keep the others as they are.
+    n: samples per row; pick: which of them the row keeps ("first", "longest", or "all": `output` = the first and
+    the list column `outputs` = every sample).
     """
 
     inputs = ("instruction",)
@@ -56,6 +66,8 @@ class Respond(ModelStep, RowStep):
         seed: int | None = None,
         stop: list[str] | None = None,
         only_missing: bool = False,
+        n: int = 1,
+        pick: str = "first",
         api_key: str | None = secret(),
         batch_size: int = runtime(512),
         max_concurrency: int | None = runtime(None),
@@ -70,6 +82,8 @@ class Respond(ModelStep, RowStep):
         self.seed = seed
         self.stop = stop
         self.only_missing = only_missing
+        self.n = n
+        self.pick = pick
         self.api_key = api_key
         self.batch_size = batch_size
         self.max_concurrency = max_concurrency
@@ -81,7 +95,25 @@ class Respond(ModelStep, RowStep):
             raise ConfigError(f"Respond: max_tokens must be >= 1, got {self.max_tokens}")
         if self.batch_size < 1:
             raise ConfigError(f"Respond: batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"Respond: n must be a positive integer, got {self.n!r}")
+        if self.pick not in PICKS:
+            raise ConfigError(f"Respond: unknown pick {self.pick!r}; valid: {list(PICKS)}")
+        if self.n > 1 and self.temperature == 0:
+            raise ConfigError(f"Respond: n={self.n} samples at temperature 0 are {self.n} copies of one answer; "
+                              "raise the temperature or set n=1")
         super().check()
+
+    def writes(self) -> tuple[str, ...]:
+        return ("output", "outputs") if self.pick == "all" else ("output",)
+
+    def semantic_params(self) -> dict[str, Any]:
+        params = super().semantic_params()
+        # one sample kept whole is what Respond did before `n` existed: left out, so those fingerprints still hold
+        if params.get("n") == 1 and params.get("pick") != "all":
+            params.pop("n", None)
+            params.pop("pick", None)
+        return params
 
     def map_batch(self, batch: pa.Table) -> dict[str, Any]:
         backend = self.model()
@@ -110,14 +142,23 @@ class Respond(ModelStep, RowStep):
                 continue
             todo.append(i)
         params: dict[str, Any] = {"max_tokens": self.max_tokens}
+        if self.n > 1:
+            params["n"] = self.n
         for k in ("temperature", "top_p", "seed", "stop"):
             v = getattr(self, k)
             if v is not None:
                 params[k] = v
         results = backend.chat(convs, **params) if convs else []
+        samples: list[list[str | None] | None] = [None] * n
         for i, res in zip(todo, results, strict=True):
             if res.error is not None:
                 errors[i] = f"{self.row_name(ids, i)}: {res.error}"
-            else:
-                outputs[i] = res.text
-        return {"output": pa.array(outputs, type=pa.string()), "error": errors}
+                continue
+            texts = list(res.texts)
+            samples[i] = texts
+            # max() keeps the first of equally long samples
+            outputs[i] = max(texts, key=lambda t: len(t or "")) if self.pick == "longest" else texts[0]
+        columns: dict[str, Any] = {"output": pa.array(outputs, type=pa.string()), "error": errors}
+        if self.pick == "all":
+            columns["outputs"] = pa.array(samples, type=pa.list_(pa.string()))
+        return columns

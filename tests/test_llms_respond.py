@@ -233,3 +233,49 @@ class _Rows(Generator):
 
     def generate(self, tables: list[pa.Table]) -> pa.Table:
         return pa.Table.from_pylist(self.rows)
+
+
+# ---- n candidates per row -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ignore_n", [False, True])
+def test_respond_n_candidates_and_the_pick_rule(fault: FaultServer, ignore_n: bool) -> None:
+    """n samples per row; `pick` keeps the first, the longest (the first of equals), or all of them (`outputs`, with
+    `output` = the first). A server that answers one choice whatever n asks (llama.cpp's) is asked for the rest, with
+    seed + sample index, so seeded samples differ."""
+    from thresher.llms.testing import Rule
+
+    fault.configure(ignore_n=ignore_n, script=[
+        Rule(match="tie", role="last_user", reply=["four", "five", "nine"]),
+        Rule(match=".", role="last_user", reply=["short", "the longest answer", "a mid answer"]),
+    ])  # fmt: skip
+    table = pa.table({"id": ["a", "b", "t"], "instruction": ["Q1", "Q2 [[fail]]", "tie"]})
+    got = {}
+    for pick in ("first", "longest", "all"):
+        res = Respond(backend=spec(fault, max_retries=0), n=3, pick=pick, temperature=0.9, seed=0).apply(table)
+        assert res.rows_out == 2 and res.failed.column("id").to_pylist() == ["b"]  # a failed request fails the row
+        got[pick] = res.output
+    assert got["first"].column("output").to_pylist() == ["short", "four"]
+    assert got["longest"].column("output").to_pylist() == ["the longest answer", "four"]
+    assert got["all"].column("output").to_pylist() == ["short", "four"]
+    assert got["all"].column("outputs").to_pylist() == [["short", "the longest answer", "a mid answer"],
+                                                        ["four", "five", "nine"]]
+    assert "outputs" not in got["first"].column_names
+    # one request per row, or one per sample where n is ignored; the later picks found every sample in the cache
+    # (the failing row is asked again each time: failures are not cached)
+    assert fault.stats()["total"] == (2 * 3 if ignore_n else 2) + 3
+
+
+def test_respond_n_parameters_and_fingerprints(fault: FaultServer) -> None:
+    one = Respond(backend=spec(fault))
+    # n=1 keeps the fingerprint Respond had before `n` existed: pick cannot matter then, unless it adds `outputs`
+    assert one.fingerprint() == one.clone(pick="longest").fingerprint()
+    assert one.fingerprint() != one.clone(pick="all").fingerprint()
+    assert one.fingerprint() != one.clone(n=2).fingerprint() != one.clone(n=2, pick="longest").fingerprint()
+    assert one.clone(pick="all").writes() == ("output", "outputs") and one.writes() == ("output",)
+    with pytest.raises(ConfigError, match="n must be a positive integer"):
+        one.clone(n=0).check()
+    with pytest.raises(ConfigError, match=r"unknown pick 'best'.*'longest'"):
+        one.clone(pick="best").check()
+    with pytest.raises(ConfigError, match="at temperature 0"):
+        one.clone(n=2, temperature=0.0).check()
