@@ -1,5 +1,6 @@
 """Generators: steps that make instruction rows (Self-Instruct, Evol-Instruct, Responder)."""
 
+from thresher.generators.evol_instruct import EvolInstruct
 from thresher.generators.responder import Respond, row_messages
 
-__all__ = ["Respond", "row_messages"]
+__all__ = ["EvolInstruct", "Respond", "row_messages"]

@@ -32,6 +32,8 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "Concat": ({}, "", None),
     "Respond": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "max_tokens": 64},
                 "temperature", 0.0),
+    "EvolInstruct": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "rounds": 2},
+                     "rounds", 3),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
