@@ -10,7 +10,7 @@ and the elimination rules decide:
 - `no_information_gain`: the model, asked with our equality prompt, judges the evolution equal to its parent (text
   identical to the parent is equal without asking);
 - `refusal`: the answer contains "sorry" (in Chinese also 抱歉 / 对不起) and is shorter than 80 words (Chinese: 120
-  characters, the usual 1.5 characters a word; `refusal_max_length` changes it);
+  characters: our conversion, 1.5 characters a word; `refusal_max_length` changes it);
 - `only_stop_words`: the answer is empty or only punctuation and stop words (our lists, English and Chinese);
 - `copies_prompt`: the evolved instruction contains a marker of our evolution templates or its words: every `#...#`
   marker in the templates in use (shipped or the user's), with and without the #s, e.g. "#Rewritten Prompt#" and
