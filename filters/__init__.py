@@ -1,6 +1,7 @@
 """Filters: separate grain from chaff (rule filters, exact and near dedup, diversity selection, thresholds)."""
 
 from thresher.filters.exact_dedup import ExactDedup
+from thresher.filters.rouge import RougeFilter, RougePool, rouge_tokens
 from thresher.filters.rules import LengthFilter, RegexFilter
 
-__all__ = ["ExactDedup", "LengthFilter", "RegexFilter"]
+__all__ = ["ExactDedup", "LengthFilter", "RegexFilter", "RougeFilter", "RougePool", "rouge_tokens"]

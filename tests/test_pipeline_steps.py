@@ -28,6 +28,7 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "LengthFilter": ({"min_chars": 5, "max_chars": 500}, "min_chars", 6),
     "RegexFilter": ({"pattern": "as an ai"}, "pattern", "sorry"),
     "ExactDedup": ({}, "fields", ["instruction"]),
+    "RougeFilter": ({"threshold": 0.7, "reference": ["Write a poem."]}, "threshold", 0.5),
     "Load": ({"path": str(SHARED / "llama-factory-demo" / "alpaca_en_demo.json")}, "limit", 7),
     "Concat": ({}, "", None),
     "Respond": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "max_tokens": 64},
