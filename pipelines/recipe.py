@@ -17,12 +17,17 @@
 
 Step parameters are checked against the step's constructor signature (types, unknown keys) before anything runs;
 the message names the key path and the line, e.g. `recipe.yaml:12 steps.long_enough.params.min_chars: ...`.
+
+A string parameter may name environment variables, `${NAME}` or `${NAME:-default}` (`$${` is a literal `${`), so one
+recipe serves every endpoint: `backend: {kind: openai, model: "${THRESHER_MODEL:-gpt-4o-mini}"}`. An unset variable
+without a default is an error naming the key. Keys belong in `api_key_env`, which names the variable, not its value.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,34 @@ class Recipe(BaseModel):
     name: str = "pipeline"
     description: str | None = None
     steps: dict[str, StepSpec]
+
+
+# ---- environment variables in parameters ----------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, where: Any, path: tuple[Any, ...]) -> Any:
+    """`value` with `${NAME}` / `${NAME:-default}` in its strings replaced from the environment."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, where, (*path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, where, (*path, i)) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":
+            return "${"
+        name, default = m.group(1), m.group(2)
+        got = os.environ.get(name)
+        if got is None or (got == "" and default is not None):
+            if default is None:
+                raise ConfigError(f"{where(path)}: environment variable {name} is not set (write ${{{name}:-default}} to give one)")
+            return default
+        return got
+
+    return _ENV_REF.sub(sub, value)
 
 
 # ---- locating keys in the YAML text ---------------------------------------------------------------
@@ -197,7 +230,8 @@ def recipe_from_text(text: str, *, source: str = "<recipe>", base_dir: Path | No
             cls = resolve(spec.step)
         except ConfigError as e:
             raise ConfigError(f"{where(('step',))}: {e}") from None
-        step = build_step(cls, spec.params, base_dir=base_dir, where=where)
+        params = {k: _expand_env(v, where, ("params", k)) for k, v in spec.params.items()}
+        step = build_step(cls, params, base_dir=base_dir, where=where)
         if spec.after is None:
             after = [previous] if previous is not None and step.n_inputs != 0 else []
         else:
