@@ -2,5 +2,6 @@
 
 from thresher.generators.evol_instruct import EvolInstruct
 from thresher.generators.responder import Respond, row_messages
+from thresher.generators.self_instruct import SelfInstruct
 
-__all__ = ["EvolInstruct", "Respond", "row_messages"]
+__all__ = ["EvolInstruct", "Respond", "SelfInstruct", "row_messages"]

@@ -6,6 +6,7 @@
 - `smol_hf_dir` (session): the bundled GGUF converted once to a transformers directory (kept under
   ~/.cache/thresher, so only the first session on a machine pays the 20-40 s conversion).
 - `isolated_cache` (autouse where imported): every test gets its own request-cache file.
+- `kill_9_when` / `kill_9_and_rerun`: the SIGKILL-and-resume protocol of the generator tests.
 
 Test modules take them all with `from llm_servers import *` (a star import keeps linters from reading each
 fixture argument as a redefinition of an imported name).
@@ -19,7 +20,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from thresher.llms.testing import FaultConfig, FaultServer
 
-__all__ = ["fault", "fault_server", "free_port", "isolated_cache", "kill_9_when", "llama_server", "smol_hf_dir"]
+__all__ = ["fault", "fault_server", "free_port", "isolated_cache", "kill_9_and_rerun", "kill_9_when",
+           "llama_server", "smol_hf_dir"]
 
 
 def free_port() -> int:
@@ -133,3 +136,47 @@ def kill_9_when(proc: subprocess.Popen[bytes], server: FaultServer, requests: in
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return int(server.stats()["total"])
+
+
+@dataclass(frozen=True)
+class KillRun:
+    """Requests the server saw: in a whole run (`total`), before the kill (`first`), in the rerun (`second`)."""
+
+    total: int
+    first: int
+    committed: int  # output batches the killed run had committed
+    second: int
+
+    @property
+    def resent(self) -> int:
+        return self.first + self.second - self.total
+
+
+def kill_9_and_rerun(
+    server: FaultServer, script: Path, work: Path, cache: Path, step: str, *, args: Sequence[str] = (),
+    inputs: Sequence[str] = (),
+) -> KillRun:
+    """Run `python script BASE_URL DIR *args` unbroken in `work/ref` (with a request cache of its own), then in `work`:
+    SIGKILL once the server has seen half the requests of the whole run, and run it again to the end. `inputs` are
+    files in `work` the script reads, copied for the reference run; `step` names the step whose committed batches
+    are counted. Compare `open_run(work / "run")` with `open_run(work / "ref" / "run")` afterwards."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ref = work / "ref"
+    ref.mkdir()
+    for name in inputs:
+        (ref / name).write_bytes((work / name).read_bytes())
+    subprocess.run([sys.executable, str(script), server.base_url, str(ref), *args], check=True, timeout=300,
+                   env={**env, "THRESHER_CACHE": str(work / "ref-cache.sqlite")})  # fmt: skip
+    total = int(server.stats()["total"])  # every request of a whole run, each asked once
+    server.reset()
+    env["THRESHER_CACHE"] = str(cache)
+    cmd = [sys.executable, str(script), server.base_url, str(work), *args]
+    first = kill_9_when(subprocess.Popen(cmd, env=env), server, total // 2)
+    assert first < total
+    committed = len(list(next((work / "run" / "steps").glob(f"{step}-*")).glob("output/part-*.parquet")))
+    server.reset()
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    run = KillRun(total, first, committed, int(server.stats()["total"]))
+    print(f"{total} requests in a whole run; kill -9 after {first} ({committed} batches committed); the rerun sent "
+          f"{run.second}; re-sent {run.resent}")
+    return run

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -17,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from llm_servers import *  # noqa: F403
-from llm_servers import kill_9_when
+from llm_servers import kill_9_and_rerun
 
 from thresher.errors import ConfigError, StepError
 from thresher.generators import EvolInstruct, Respond
@@ -404,31 +402,13 @@ def test_kill_9_mid_evolution_resends_at_most_max_concurrency(
     write_rows(tmp_path / "rows.jsonl", 48)
     script = tmp_path / "evolve.py"
     script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    (ref / "rows.jsonl").write_text((tmp_path / "rows.jsonl").read_text())
-    subprocess.run([sys.executable, str(script), fault.base_url, str(ref)], check=True, timeout=300,
-                   env={**env, "THRESHER_CACHE": str(tmp_path / "ref-cache.sqlite")})
-    total = fault.stats()["total"]
-    fault.reset()
-
-    env["THRESHER_CACHE"] = str(isolated_cache)
-    cmd = [sys.executable, str(script), fault.base_url, str(tmp_path)]
-    first = kill_9_when(subprocess.Popen(cmd, env=env), fault, total // 2)
-    committed = len(list(next((tmp_path / "run" / "steps").glob("evol-*")).glob("output/part-*.parquet")))
-    fault.reset()
-    subprocess.run(cmd, env=env, check=True, timeout=300)
-    second = fault.stats()["total"]
-    resent = first + second - total
-    print(f"{total} requests in a whole run; kill -9 after {first} ({committed} batches committed); "
-          f"the rerun sent {second}; re-sent {resent} (max_concurrency 8)")
-    assert committed >= 1 and 0 <= resent <= 8
-    got, want = open_run(tmp_path / "run"), open_run(ref / "run")
+    run = kill_9_and_rerun(fault, script, tmp_path, isolated_cache, "evol", inputs=["rows.jsonl"])
+    assert run.committed >= 1 and 0 <= run.resent <= 8  # max_concurrency
+    got, want = open_run(tmp_path / "run"), open_run(tmp_path / "ref" / "run")
     for side in ("table", "rejected", "failed"):
         assert getattr(got, side)("evol").to_pylist() == getattr(want, side)("evol").to_pylist()
     assert got.steps["evol"].candidates == want.steps["evol"].candidates == 96
-    assert got.steps["evol"].resumed_from_batch == committed
+    assert got.steps["evol"].resumed_from_batch == run.committed
 
 
 # ---- end to end on the real server ----------------------------------------------------------------------

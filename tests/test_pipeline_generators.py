@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from llm_servers import *  # noqa: F403
-from llm_servers import kill_9_when
+from llm_servers import kill_9_and_rerun
 from pipeline_steps import Expand, Numbers, calls
 
 from thresher.errors import AccountingError, StepError
@@ -158,36 +156,15 @@ def test_kill_9_mid_generator_resends_at_most_max_concurrency(
     (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     script = tmp_path / "grow.py"
     script.write_text(KILL_SCRIPT)
-    tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-    # the unbroken run, with a cache of its own, for the rows a resumed run must end with
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    (ref / "seeds.jsonl").write_text((tmp_path / "seeds.jsonl").read_text())
-    subprocess.run([sys.executable, str(script), fault.base_url, str(ref), tests_dir], check=True, timeout=300,
-                   env={**env, "THRESHER_CACHE": str(tmp_path / "ref-cache.sqlite")})
-    total = fault.stats()["total"]  # every request of a whole run, each asked once
-    fault.reset()
-
-    env["THRESHER_CACHE"] = str(isolated_cache)
-    cmd = [sys.executable, str(script), fault.base_url, str(tmp_path), tests_dir]
-    first = kill_9_when(subprocess.Popen(cmd, env=env), fault, total // 2)
-    assert first < total
-    committed = len(list(next((tmp_path / "run" / "steps").glob("expand-*")).glob("output/part-*.parquet")))
-    fault.reset()
-    subprocess.run(cmd, env=env, check=True, timeout=300)
-    second = fault.stats()["total"]
-    resent = first + second - total
-    print(f"{total} requests in a whole run; kill -9 after {first} ({committed} batches committed); "
-          f"the rerun sent {second}; re-sent {resent} (max_concurrency 16)")
-    assert committed >= 1
-    assert 0 <= resent <= 16
-    got, want = open_run(tmp_path / "run"), open_run(ref / "run")
+    run = kill_9_and_rerun(fault, script, tmp_path, isolated_cache, "expand", args=[str(Path(__file__).parent)],
+                           inputs=["seeds.jsonl"])  # fmt: skip
+    assert run.committed >= 1
+    assert 0 <= run.resent <= 16  # max_concurrency
+    got, want = open_run(tmp_path / "run"), open_run(tmp_path / "ref" / "run")
     assert got.table("expand").to_pylist() == want.table("expand").to_pylist()
     assert got.rejected("expand").to_pylist() == want.rejected("expand").to_pylist()
     assert got.steps["expand"].candidates == want.steps["expand"].candidates
-    assert got.steps["expand"].resumed_from_batch == committed
+    assert got.steps["expand"].resumed_from_batch == run.committed
 
 
 # ---- the contract, without a model ----------------------------------------------------------------

@@ -34,3 +34,21 @@ def test_an_unset_variable_without_default_names_the_key(monkeypatch: pytest.Mon
     with pytest.raises(ConfigError, match=r"<recipe>:7 steps\.respond\.params\.backend\.model: environment variable "
                                           r"TEST_THRESHER_MODEL is not set"):
         recipe_from_text(RECIPE)
+
+
+def test_the_grow_recipe_builds_and_checks_for_any_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from thresher.pipelines.recipe import load_recipe
+    from thresher.pipelines.runner import check_pipeline
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "grow.yaml"
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("THRESHER_MODEL", "my-model")
+    monkeypatch.setenv("THRESHER_LANGUAGE", "zh")
+    pipe = load_recipe(recipe)
+    columns = check_pipeline(pipe)
+    assert list(pipe.nodes) == ["self_instruct", "evolve", "pool", "answer", "dedup"]
+    assert pipe.nodes["self_instruct"].step.backend["model"] == "my-model"
+    assert pipe.nodes["evolve"].step.language == "zh"
+    assert {"parent_id", "evol_round", "evol_operation", "demonstrations"} <= set(columns["dedup"])

@@ -33,6 +33,8 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "Concat": ({}, "", None),
     "Respond": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "max_tokens": 64},
                 "temperature", 0.0),
+    "SelfInstruct": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"},
+                      "num_instructions": 10}, "num_instructions", 20),
     "EvolInstruct": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "rounds": 2},
                      "rounds", 3),
 }
