@@ -60,6 +60,8 @@ class TokenLogprobs:
     tokens: list[str] = field(default_factory=list)
     #: the continuation was cut to fit the token budget
     truncated: bool = False
+    #: why a served model could not score this pair (logprobs are then empty); local models raise instead
+    error: str | None = None
 
     @property
     def total(self) -> float:

@@ -4,7 +4,8 @@ DEITA, expected judge scores).
 Log-probabilities: each (prefix, continuation) pair is tokenized as the trainer tokenizes a rendered conversation
 (`thresher.trainer.chat.encode_rendered`): the joined text without special tokens, the tokenizer's BOS first only
 where it adds one and the text lacks it (a chat template that writes its own BOS is never given a second one); the
-continuation's tokens are those that start inside it. For IFD, `answer_texts` renders a conversation with the chat
+continuation's tokens are those that start inside it (`thresher.llms.token_scoring.TokenScorer` owns that, the
+budgets, the request cache and IFD's passes; this module runs the model). For IFD, `answer_texts` renders a conversation with the chat
 template into (prompt, response header, answer) and `answer_logprobs` scores the answer after each, over exactly the
 tokens the trainer supervises and with one answer budget. Sequences are sorted by length and batched with right
 padding (positions of real tokens are then the same as unbatched, so batched numbers equal one-at-a-time ones); only
@@ -21,21 +22,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from thresher.errors import BackendError, ConfigError
-from thresher.llms.base import Conversation, TokenLogprobs, Usage
+from thresher.llms.base import Usage
 from thresher.llms.bundled import model_digest, smollm2_gguf
-from thresher.llms.cache import RequestCache, request_key
+from thresher.llms.cache import RequestCache
 from thresher.llms.local import GenItem, GenOut, LocalChatBackend
-
-if TYPE_CHECKING:
-    from thresher.trainer.chat import AnswerTexts
+from thresher.llms.token_scoring import LOGPROBS_VERSION as LOGPROBS_VERSION  # re-exported: older imports
+from thresher.llms.token_scoring import AnswerLogprobs as AnswerLogprobs
+from thresher.llms.token_scoring import TokenScorer
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -43,24 +42,6 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 # Part of every conversion's directory name: bumping it makes conversions done by an older, faulty version of
 # hf_dir_for_gguf be redone instead of reused. 2: bos/eos/pad taken from the GGUF file's ids.
 CONVERSION_VERSION = 2
-
-# Part of every log-probability cache key: bumping it makes answers scored by an older tokenization be scored anew.
-# 2: the trainer's tokenization (no second BOS before a template's own); next-token scores of whole candidates.
-LOGPROBS_VERSION = 2
-
-
-@dataclass
-class AnswerLogprobs:
-    """IFD's two passes over one answer: given its prompt, and given the response header alone (same tokens)."""
-
-    conditioned: TokenLogprobs
-    unconditioned: TokenLogprobs
-
-    @property
-    def ifd(self) -> float:
-        """Instruction-following difficulty: the conditioned mean NLL over the unconditioned one (nan when empty)."""
-        alone = self.unconditioned.mean_nll
-        return self.conditioned.mean_nll / alone if alone else float("nan")
 
 
 def dtype_kwarg(dtype: Any) -> dict[str, Any]:
@@ -139,7 +120,7 @@ def _special_tokens_from_config(tokenizer: Any, config: Any) -> None:
             setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(tid))
 
 
-class Transformers(LocalChatBackend):
+class Transformers(TokenScorer, LocalChatBackend):
     """A local transformers causal LM: `chat`/`complete`, `logprobs`, `next_token_logprobs`, and IFD's two passes
     over a conversation's answer (`answer_texts`, `answer_logprobs`).
 
@@ -269,9 +250,12 @@ class Transformers(LocalChatBackend):
         )
         return text
 
-    def _ids(self, text: str, special: bool) -> list[int]:
-        ids: list[int] = self.tokenizer_(text, add_special_tokens=special)["input_ids"]
-        return ids
+    def _scoring_tokenizer(self) -> Any:
+        self.load()
+        return self.tokenizer_
+
+    def _generation_eos(self) -> list[int]:
+        return _as_list(getattr(getattr(self.model_, "generation_config", None), "eos_token_id", None))
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -348,118 +332,11 @@ class Transformers(LocalChatBackend):
                     outs[i] = GenOut(text, finish, n_prompt, n_new)
         return outs
 
-    # ---- log-probabilities ----------------------------------------------------------------------
+    # ---- log-probabilities: the model call (the rest is TokenScorer's) ---------------------------
 
-    def _pair_ids(
-        self, prefixes: Sequence[str], continuations: Sequence[str]
-    ) -> list[tuple[list[int], list[int], bool]]:
-        """(prefix ids, continuation ids) of each pair, tokenized as the trainer tokenizes a rendered conversation.
-
-        prefix + continuation is tokenized as one text without special tokens (a rendered chat template writes its
-        own), with the tokenizer's BOS first only when it adds one and the text lacks it
-        (`thresher.trainer.chat.encode_rendered`); the continuation's tokens are those that start inside it, the
-        trainer's rule for supervised tokens. The flag says a token crosses the boundary (it starts in the prefix and
-        ends in the continuation, whose first characters it takes). A slow tokenizer (no offsets) tokenizes the two
-        apart.
-        """
-        from thresher.trainer.chat import adds_bos, encode_rendered
-
-        tok = self.tokenizer_
-        if getattr(tok, "is_fast", False):
-            out = []
-            encoded = encode_rendered(tok, [p + c for p, c in zip(prefixes, continuations, strict=True)])
-            for (ids, offsets), p in zip(encoded, prefixes, strict=True):
-                k = next((t for t, (start, _) in enumerate(offsets) if start >= len(p)), len(ids))
-                out.append((ids[:k], ids[k:], k > 0 and offsets[k - 1][1] > len(p)))
-            return out
-        bos, prepend = tok.bos_token_id, adds_bos(tok)
-        pairs: list[tuple[list[int], list[int], bool]] = []
-        for p, c in zip(prefixes, continuations, strict=True):
-            pre = self._ids(p, False)
-            if prepend and pre[:1] != [bos]:
-                pre = [bos, *pre]
-            pairs.append((pre, self._ids(c, False), False))
-        return pairs
-
-    def logprobs(
-        self,
-        prefixes: Sequence[str],
-        continuations: Sequence[str],
-        *,
-        max_continuation_tokens: int | Sequence[int | None] | None = None,
-    ) -> list[TokenLogprobs]:
-        """Per-token log-probabilities (natural log, float32 precision) of each continuation given its prefix.
-
-        Tokenization is the trainer's (see `_pair_ids`): prefix + continuation as one text, no special tokens but
-        the tokenizer's BOS where it adds one and the text does not start with it, so a rendered chat template that
-        writes its own BOS is not given a second one; the continuation's tokens are those starting inside it.
-        `max_continuation_tokens` (one budget, or one per pair) cuts continuations to that many tokens; pairs
-        longer than `max_length` lose continuation tokens from the end; either sets `truncated=True`. An empty
-        prefix means unconditioned: the first continuation token is predicted from the BOS when the tokenizer
-        adds one, otherwise it gets no log-probability. For IFD, `answer_logprobs` renders both passes.
-        """
-        if len(prefixes) != len(continuations):
-            raise ConfigError(f"logprobs: {len(prefixes)} prefixes but {len(continuations)} continuations")
-        if max_continuation_tokens is None or isinstance(max_continuation_tokens, int):
-            budgets: list[int | None] = [max_continuation_tokens] * len(prefixes)
-        else:
-            budgets = list(max_continuation_tokens)
-            if len(budgets) != len(prefixes):
-                raise ConfigError(f"logprobs: {len(prefixes)} pairs but {len(budgets)} max_continuation_tokens")
-        self.load()
-        ident = self.identity()
-        keys = [
-            request_key("logprobs", ident, p, c, b, self.max_length, LOGPROBS_VERSION)
-            for p, c, b in zip(prefixes, continuations, budgets, strict=True)
-        ]
-        cache = self._cache
-        found = cache.get_many(keys) if cache is not None else {}
-        out: list[TokenLogprobs | None] = [None] * len(keys)
-        for i, k in enumerate(keys):
-            if k in found:
-                out[i] = _unpack(found[k])
-        self.usage.cache_hits += sum(o is not None for o in out)
-        todo = [i for i, o in enumerate(out) if o is None]
-        self.usage.cache_misses += len(todo)
-        if todo:
-            seqs, picks, meta = [], [], []
-            encoded = self._pair_ids([prefixes[i] for i in todo], [continuations[i] for i in todo])
-            for i, (pre, cont, _) in zip(todo, encoded, strict=True):
-                truncated = False
-                budget = budgets[i]
-                if budget is not None and len(cont) > budget:
-                    cont, truncated = cont[:budget], True
-                room = self.max_length - len(pre)
-                if room < len(cont):
-                    if room < 1:
-                        raise BackendError(
-                            f"logprobs: pair {i}: the prefix alone has {len(pre)} tokens, max_length is {self.max_length}"
-                        )
-                    cont, truncated = cont[:room], True
-                # position t predicts token t+1; with no prefix token the first continuation token has no score
-                pick = [(len(pre) + j - 1, t) for j, t in enumerate(cont) if len(pre) + j > 0]
-                seqs.append(pre + cont)
-                picks.append(pick)
-                meta.append((i, truncated))
-            values = self._score_picks(seqs, picks, "logprobs")
-            for (i, truncated), pick, vals in zip(meta, picks, values, strict=True):
-                out[i] = TokenLogprobs([t for _, t in pick], vals, truncated=truncated)
-            if cache is not None:
-                for i in todo:
-                    o = out[i]
-                    assert o is not None
-                    cache.put(keys[i], _pack(o), kind="logprobs", model=str(ident["model"]))
-                cache.flush()
-        convert = self.tokenizer_.convert_ids_to_tokens
-        result = []
-        for o in out:
-            assert o is not None
-            if not o.tokens:
-                o.tokens = list(convert(o.token_ids))
-            result.append(o)
-        return result
-
-    def _score_picks(self, seqs: list[list[int]], picks: list[list[tuple[int, int]]], desc: str) -> list[list[float]]:
+    def _score_picks(
+        self, seqs: list[list[int]], picks: list[list[tuple[int, int]]], desc: str
+    ) -> list[list[float] | str]:
         """For each sequence, log p(target | its tokens up to `position`) of each (position, target) pick.
 
         Sequences are sorted by length and batched with right padding (real tokens keep their unbatched positions,
@@ -469,7 +346,7 @@ class Transformers(LocalChatBackend):
         """
         import torch
 
-        values: list[list[float]] = [[] for _ in seqs]
+        values: list[list[float] | str] = [[] for _ in seqs]
         order = sorted((i for i in range(len(seqs)) if picks[i]), key=lambda i: len(seqs[i]))
         pad = self.tokenizer_.pad_token_id
         bar = None
@@ -531,159 +408,8 @@ class Transformers(LocalChatBackend):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> list[dict[str, float]]:
-        """For each prompt (already rendered text), the log-probability that the text goes on with each candidate.
-
-        A candidate is scored whole: the sum of its tokens' log-probabilities, each given the prompt and the
-        candidate's tokens before it (`logprobs(prompt, candidate).total`); for a one-token candidate, such as the
-        digits "1".."6" of DEITA's expected scores, that is the next-token log-probability.
-
-        Tokenization is `logprobs`'s: prompt + candidate as one text (no special tokens added but the tokenizer's
-        BOS where it adds one), the candidate's tokens being those that start inside it. A candidate is appended as
-        written, nothing inserted: " 3" carries its leading space (GPT-2-style vocabularies have one token for it),
-        "3" does not, and which one a model expects depends on how the prompt ends (after "Score:" usually " 3",
-        after a chat template's "assistant\\n" usually "3"). A candidate with no token of its own, or whose first
-        characters the tokenizer merges into the prompt's last token (a prompt ending in a space before a word),
-        is a ConfigError: its score would leave part of it out.
-
-        Batched: (prompt, candidate) pairs that need the same tokens through the model share one forward pass (all
-        one-token candidates of a prompt take one), sequences sorted by length. Each pair's answer is stored in the
-        request cache, so a second call with the same prompts and candidates runs nothing.
-        """
-        self.load()
-        ident = self.identity()
-        pairs = [(p, c) for p in prompts for c in dict.fromkeys(candidates)]
-        keys = [request_key("next_token_logprobs", ident, p, c, LOGPROBS_VERSION) for p, c in pairs]
-        cache = self._cache
-        found = cache.get_many(keys) if cache is not None else {}
-        scores: list[float | None] = [None] * len(pairs)
-        for j, k in enumerate(keys):
-            if k in found:
-                scores[j] = _unpack(found[k]).total
-        todo = [j for j, s in enumerate(scores) if s is None]
-        self.usage.cache_hits += len(pairs) - len(todo)
-        self.usage.cache_misses += len(todo)
-        if todo:
-            encoded = self._pair_ids([pairs[j][0] for j in todo], [pairs[j][1] for j in todo])
-            seq_of: dict[tuple[int, ...], int] = {}
-            seqs: list[list[int]] = []
-            picks: list[list[tuple[int, int]]] = []
-            where: list[tuple[int, int, int]] = []  # (pair, sequence, first pick) of each pair to score
-            for j, (pre, cand, crosses) in zip(todo, encoded, strict=True):
-                prompt, candidate = pairs[j]
-                if not cand or not pre:
-                    what = "has no tokens" if not cand else "follows an empty prompt with no BOS to predict it from"
-                    raise ConfigError(f"next_token_logprobs: candidate {candidate!r} {what}")
-                if crosses:
-                    raise ConfigError(
-                        f"next_token_logprobs: the tokenizer merges the start of candidate {candidate!r} into the end "
-                        f"of the prompt (...{prompt[-20:]!r}): move the prompt's trailing whitespace into the candidates"
-                    )
-                if len(pre) + len(cand) - 1 > self.max_length:
-                    raise BackendError(
-                        f"next_token_logprobs: a prompt with candidate {candidate!r} has {len(pre) + len(cand)} "
-                        f"tokens, max_length is {self.max_length}"
-                    )
-                seq = pre + cand[:-1]
-                s = seq_of.setdefault(tuple(seq), len(seqs))
-                if s == len(seqs):
-                    seqs.append(seq)
-                    picks.append([])
-                where.append((j, s, len(picks[s])))
-                picks[s].extend((len(pre) + k - 1, t) for k, t in enumerate(cand))
-            values = self._score_picks(seqs, picks, "next-token logprobs")
-            for (j, s, first), (_, cand_ids, _) in zip(where, encoded, strict=True):
-                vals = values[s][first : first + len(cand_ids)]
-                scores[j] = float(sum(vals))
-                if cache is not None:
-                    cache.put(keys[j], _pack(TokenLogprobs(cand_ids, vals)), kind="logprobs", model=str(ident["model"]))
-            if cache is not None:
-                cache.flush()
-        out: list[dict[str, float]] = []
-        per = len(pairs) // max(len(prompts), 1)
-        for i in range(len(prompts)):
-            row = {}
-            for j in range(i * per, (i + 1) * per):
-                value = scores[j]
-                assert value is not None
-                row[pairs[j][1]] = value
-            out.append(row)
-        return out
-
-    # ---- IFD: the two passes over a rendered conversation ---------------------------------------
-
-    def answer_texts(self, conversations: Sequence[Conversation]) -> list[AnswerTexts]:
-        """Each conversation's last assistant reply split for scoring, rendered by the tokenizer's chat template
-        exactly as the trainer renders it (`thresher.trainer.chat.answer_texts`): `prompt` (everything before the
-        reply, ending with the response header), `header` (the response header alone) and `answer` (the reply up
-        to its end-of-turn token: the characters of the tokens the trainer supervises).
-
-        IFD's conditioned pass is `logprobs(prompt, answer)`, its unconditioned pass `logprobs(header, answer)`;
-        `answer_logprobs` runs both with one answer budget. Build conversations from rows with
-        `thresher.data.record_messages(row)`.
-        """
-        from thresher.trainer.chat import answer_texts, end_of_turn_ids, resolve_chat_template
-
-        self.load()
-        tok = self.tokenizer_
-        generation = getattr(self.model_, "generation_config", None)
-        eot = end_of_turn_ids(tok, None, _as_list(getattr(generation, "eos_token_id", None)))
-        return answer_texts(tok, conversations, chat_template=resolve_chat_template(tok, None), eot_ids=eot)
-
-    def answer_logprobs(
-        self, conversations: Sequence[Conversation], *, max_answer_tokens: int | None = None
-    ) -> list[AnswerLogprobs]:
-        """IFD's two passes over each conversation's last reply: given the prompt, and given the response header
-        alone, over the same answer tokens (those the trainer supervises), cut to the same budget in both passes:
-        `max_answer_tokens`, and no more than fits in `max_length` after the (longer) conditioned prompt."""
-        texts = self.answer_texts(conversations)
-        budgets: list[int | None] = []
-        encoded = self._pair_ids([t.prompt for t in texts], [t.answer for t in texts])
-        for k, (pre, _, _) in enumerate(encoded):
-            room = self.max_length - len(pre)
-            if room < 1:
-                raise BackendError(
-                    f"answer_logprobs: conversation {k}: the prompt alone has {len(pre)} tokens, max_length is "
-                    f"{self.max_length}"
-                )
-            budgets.append(room if max_answer_tokens is None else min(room, max_answer_tokens))
-        answers = [t.answer for t in texts]
-        conditioned = self.logprobs([t.prompt for t in texts], answers, max_continuation_tokens=budgets)
-        alone = self.logprobs([t.header for t in texts], answers, max_continuation_tokens=budgets)
-        out = []
-        for k, (c, u) in enumerate(zip(conditioned, alone, strict=True)):
-            if c.token_ids != u.token_ids:
-                raise BackendError(
-                    f"answer_logprobs: conversation {k}: the answer tokenizes differently after the prompt and after "
-                    "the header alone, so the two passes would not score the same tokens"
-                )
-            out.append(AnswerLogprobs(c, u))
-        return out
-
 
 def _as_list(x: Any) -> list[int]:
     if x is None:
         return []
     return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
-
-
-def _pack(t: TokenLogprobs) -> bytes:
-    import numpy as np
-
-    n = len(t.logprobs)
-    ids = np.asarray(t.token_ids[-n:] if n else [], dtype=np.int32)
-    return (
-        struct.pack("<BI", 1 if t.truncated else 0, n)
-        + ids.tobytes()
-        + np.asarray(t.logprobs, dtype=np.float32).tobytes()
-    )
-
-
-def _unpack(blob: bytes) -> TokenLogprobs:
-    import numpy as np
-
-    truncated, n = struct.unpack_from("<BI", blob)
-    off = struct.calcsize("<BI")
-    ids = np.frombuffer(blob, dtype=np.int32, count=n, offset=off).tolist()
-    lps = np.frombuffer(blob, dtype=np.float32, count=n, offset=off + 4 * n).tolist()
-    return TokenLogprobs(ids, lps, truncated=bool(truncated))
