@@ -37,6 +37,8 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
                       "num_instructions": 10}, "num_instructions", 20),
     "EvolInstruct": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "rounds": 2},
                      "rounds", 3),
+    "LLMJudge": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"},
+                  "dimensions": ["accuracy", "helpfulness"]}, "language", "zh"),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
