@@ -2,6 +2,7 @@
 
 from thresher.scorers.deita import DeitaScorer
 from thresher.scorers.judge import LLMJudge
+from thresher.scorers.tagger import Tagger
 from thresher.scorers.text_stats import SetValue, TextStats
 
-__all__ = ["DeitaScorer", "LLMJudge", "SetValue", "TextStats"]
+__all__ = ["DeitaScorer", "LLMJudge", "SetValue", "Tagger", "TextStats"]

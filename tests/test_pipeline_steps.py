@@ -41,6 +41,8 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
                   "dimensions": ["accuracy", "helpfulness"]}, "language", "zh"),
     "DeitaScorer": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "max_group": 4},
                     "method", "rank"),
+    "Tagger": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "min_count": 2},
+               "merge_similarity", 0.8),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
