@@ -30,6 +30,7 @@ from thresher.llms.base import Completion, Conversation, Usage, check_gen_params
 from thresher.llms.cache import RequestCache, request_key, resolve_cache
 from thresher.llms.http import TRANSPORTS, Transport, TransportFault, dumps, loads
 from thresher.llms.limits import RETRYABLE_STATUS, RateLimiter, RetryPolicy, estimate_tokens, retry_after_seconds
+from thresher.llms.served_logprobs import PromptLogprobs
 from thresher.llms.structured import Schema, check_mode, next_mode, reask_message, schema_instruction
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -229,7 +230,7 @@ class _Row:
     result: Completion
 
 
-class OpenAICompatible:
+class OpenAICompatible(PromptLogprobs):
     """Chat / completion backend for any OpenAI-compatible HTTP server.
 
     Configured only through its constructor (stored under the same names); the HTTP client starts on first use.
@@ -245,6 +246,9 @@ class OpenAICompatible:
       apart two servers that serve different weights under one model name.
     - transport: "auto" (default: "lean" for http:// servers, "openai" for https:// APIs), "lean" (asyncio
       HTTP/1.1, least CPU per request), "httpx" (httpx2 client: proxies) or "openai" (the openai SDK's client).
+    - tokenizer, max_length: for `logprobs` / `next_token_logprobs` / `score_answers` against a vLLM server
+      (`served_logprobs`): the served model's tokenizer (a local directory or a hub id in the local cache;
+      default: `model`) and the longest sequence in tokens.
     """
 
     kind = "openai"
@@ -271,6 +275,8 @@ class OpenAICompatible:
         transport: str = "auto",
         headers: Mapping[str, str] | None = None,
         progress: bool = False,
+        tokenizer: str | None = None,
+        max_length: int = 4096,
     ) -> None:
         self.model = model
         self.base_url = base_url
@@ -289,6 +295,9 @@ class OpenAICompatible:
         self.transport = transport
         self.headers = headers
         self.progress = progress
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.tokenizer_: Any = None
         self.usage = Usage()
         self._client: RemoteClient | None = None
         self._cache: RequestCache | None = None
@@ -304,6 +313,8 @@ class OpenAICompatible:
         check_mode(self.json_mode)
         if self.max_reasks < 0:
             raise ConfigError(f"OpenAICompatible: max_reasks must be >= 0, got {self.max_reasks}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ConfigError(f"OpenAICompatible: max_length must be an integer >= 2, got {self.max_length!r}")
         if self.prices is not None:
             bad = set(self.prices) - {"prompt", "completion"}
             if bad:
@@ -378,6 +389,7 @@ class OpenAICompatible:
         state = dict(self.__dict__)
         state["_client"] = None
         state["_cache"] = None
+        state["tokenizer_"] = None
         return state
 
     @property

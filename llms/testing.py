@@ -41,6 +41,10 @@ known in advance, so tests of pool growth, elimination and parsing can assert ex
 - when a request asks for logprobs, each choice carries `logprobs`: the rule's (OpenAI's chat form, a list of
   `{token, logprob, top_logprobs}` with `top_logprobs` a list of `{token, logprob}` or a `{token: logprob}` dict,
   cut to the request's `top_logprobs`), or one 0.0 entry per word; /v1/completions gets the legacy form.
+- vLLM's `prompt_logprobs` (a /v1/completions request that asks for them, its prompt given as token ids) are answered
+  from the `prompt_logprobs` setting: a list of `{"ids", "logprobs"}` (the log-probability of each token after the
+  ones before it, the first None); a prompt that is the start of an entry's ids gets that entry's values, any other
+  a 501. Scripts and the echo never answer those requests.
 - a request no rule matches gets `unmatched`: "error" (default: HTTP 501 "no script rule matched", which clients
   neither retry nor take for a refused response_format, so only that row fails) or "echo".
 Faults come first: a `[[500x1]]` marker still fails the first attempt and the retry gets the scripted answer.
@@ -101,6 +105,8 @@ class FaultConfig:
     reject_json_schema: bool = False
     script: list[dict[str, Any]] = field(default_factory=list)  # scripted answers: `Rule.to_dict()`s, first match wins
     unmatched: str = "error"  # what a request no rule matches gets when there is a script: "error" (501) or "echo"
+    # vLLM's prompt_logprobs: token sequences with the log-probability of each token after the ones before it
+    prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 ROLES = ("any", "user", "last_user", "system", "assistant")
@@ -240,9 +246,34 @@ def check_script(script: Any) -> list[dict[str, Any]]:
     return out
 
 
+def check_prompt_logprobs(table: Any) -> list[dict[str, Any]]:
+    """The prompt_logprobs table as plain dicts: each `{"ids": [token ids], "logprobs": [None, lp1, lp2, ...]}`."""
+    if isinstance(table, (str, bytes, Mapping)) or not isinstance(table, Sequence):
+        raise ValueError(f"prompt_logprobs: expected a list of {{ids, logprobs}}, got {type(table).__name__}")
+    out = []
+    for i, entry in enumerate(table):
+        ids = entry.get("ids") if isinstance(entry, Mapping) else None
+        lps = entry.get("logprobs") if isinstance(entry, Mapping) else None
+        if (
+            not isinstance(ids, list)
+            or not isinstance(lps, list)
+            or len(ids) != len(lps)
+            or not all(isinstance(t, int) for t in ids)
+            or not all(v is None or isinstance(v, (int, float)) for v in lps)
+        ):
+            raise ValueError(
+                f"prompt_logprobs[{i}]: needs 'ids' (token ids) and 'logprobs' (as many numbers, the first may be "
+                f"None), got {entry!r}"
+            )
+        out.append({"ids": list(ids), "logprobs": [None if v is None else float(v) for v in lps]})
+    return out
+
+
 def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """`settings` with `script` checked and made plain; `unmatched` checked."""
+    """`settings` with `script` and `prompt_logprobs` checked and made plain; `unmatched` checked."""
     out = dict(settings)
+    if "prompt_logprobs" in out:
+        out["prompt_logprobs"] = check_prompt_logprobs(out["prompt_logprobs"] or [])
     if "script" in out:
         out["script"] = check_script(out["script"] if out["script"] is not None else [])
     if "unmatched" in out and out["unmatched"] not in UNMATCHED:
@@ -361,6 +392,8 @@ def _prompt_of(body: dict[str, Any]) -> str:
         return ""
     p = body.get("prompt", body.get("input", ""))
     if isinstance(p, list):
+        if p and all(isinstance(t, int) for t in p):  # one prompt given as token ids
+            return json.dumps(p)
         return str(p[0]) if p else ""
     return str(p)
 
@@ -695,6 +728,8 @@ class _Connection(asyncio.Protocol):
         chat = p.endswith("/chat/completions")
         if not chat and not p.endswith("/completions"):
             return 404, {"error": {"message": f"no route {path}"}}
+        if not chat and body.get("prompt_logprobs") is not None:
+            return self.prompt_logprobs(body)
         n = 1 if cfg.ignore_n else int(body.get("n") or 1)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 10_000)
         found = st.find_rule(body, chat) if st.rules else None
@@ -766,6 +801,27 @@ class _Connection(asyncio.Protocol):
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    def prompt_logprobs(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """vLLM's answer to a completions request with `prompt_logprobs`: per prompt token (None for the first), its
+        own log-probability and a top-ranked alternative, from the `prompt_logprobs` table entry whose ids begin with
+        the prompt's (a causal model's log-probabilities of a prefix are those of the longer sequence)."""
+        ids = body.get("prompt")
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+            return 400, {"error": {"message": "this server scores prompt_logprobs of token-id prompts only"}}
+        found = next((e for e in self.state.config.prompt_logprobs if e["ids"][: len(ids)] == ids), None)
+        if found is None:
+            msg = f"no prompt_logprobs in the table for this token sequence ({len(ids)} tokens: {ids[:8]}...)"
+            return 501, {"error": {"message": msg, "type": "no_prompt_logprobs"}}
+        plp: list[dict[str, Any] | None] = [None]
+        for t, lp in zip(ids[1:], found["logprobs"][1 : len(ids)], strict=True):
+            other = 0 if t != 0 else 1  # vLLM lists the prompt token beside the top-k others
+            plp.append({str(t): {"logprob": lp, "rank": 2, "decoded_token": ""},
+                        str(other): {"logprob": -0.01, "rank": 1, "decoded_token": ""}})  # fmt: skip
+        choice = {"index": 0, "text": "", "finish_reason": "length", "logprobs": None, "prompt_logprobs": plp}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
+        return 200, {"id": f"fake-{self.state.total}", "object": "text_completion", "created": int(time.time()),
+                     "model": body.get("model"), "choices": [choice], "usage": usage}  # fmt: skip
 
     @staticmethod
     def echo(body: dict[str, Any], prompt: str, chat: bool, i: int, n: int, max_tokens: int) -> tuple[str, str]:

@@ -50,10 +50,15 @@ class ModelStep:
             return {"kind": "transformers"}  # the bundled SmolLM2 in transformers: llama.cpp gives no logprobs
         return spec
 
+    def backend_overrides(self) -> dict[str, Any]:
+        """Knobs handed to backends built from specs (they fill what a spec leaves unset; a backend without such a
+        parameter ignores it). A step adds its own here, e.g. a scorer's `batch_size` for its model's forward passes."""
+        return {k: getattr(self, k, None) for k in ("api_key", "max_concurrency", "cache", "progress")}
+
     def _build(self, param: str) -> Any:
         from thresher.llms.config import make_backend, make_embedder
 
-        overrides = {k: getattr(self, k, None) for k in ("api_key", "max_concurrency", "cache", "progress")}
+        overrides = self.backend_overrides()
         if self.model_params[param] == "embed":
             return make_embedder(self._spec(param), **overrides)
         return make_backend(self._spec(param), **overrides)
