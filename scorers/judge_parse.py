@@ -5,7 +5,8 @@ Judges are asked for the score alone on the first line (AlpaGasus), and often do
 trusted first: a final/overall score anywhere; a double-bracketed score; then on the first non-empty line and, failing
 that, in the whole reply: a labelled score ("Score: 4", "评分：4分", the dimension's own name), a line that is only a
 number, a number with its scale ("4/5", "4 out of 5", "4分"), a Chinese numeral score ("四分"), a number opening the
-first line ("4 - accurate"), a verb phrase ("I'd rate it 4"). A score written on another scale ("8/10", "满分10分")
+first line ("4 - accurate") or said on it ("The answer is 3.5, ..."; a small model's habit), a verb phrase ("I'd
+rate it 4"). A score written on another scale ("8/10", "满分10分")
 is converted to the asked one. A range ("4-5"), a number outside the scale, or no number at all is no score: the
 caller fails the row and quotes the reply, it never becomes a 0.
 
@@ -39,6 +40,7 @@ _STANDALONE = re.compile(rf"(?m)^[^\w\n]*{_NUM}{_DEN}[^\w\n]*$")
 _WITH_SCALE = re.compile(rf"(?i){_NUM}(?:\s*(?:/|out\s+of\b)\s*(?P<den>\d+(?:\.\d+)?)|\s*(?P<fen>分)(?!钟|之|析|类|别|布|成|开|段|数))")
 _CN_SCORE = re.compile(r"(?:^|(?<=[给打得为是评：:\s]))(?P<cn>[零〇一二两三四五六七八九])\s*分(?!钟|之|析|类|别|布|成|开|段|数)")
 _START = re.compile(rf"(?m)^[^\w\n]*{_NUM}{_DEN}(?=(?P<after>[^\n]*))")
+_SAYS = re.compile(rf"(?i)\b(?:answer|result|verdict|judge?ment)\s+(?:is|would\s+be)\s*:?\s*{_NUM}{_DEN}")
 _VERB = re.compile(rf"(?i)\b(?:give|rate|award|assign|score)[sd]?\b[^.\n\d]{{0,30}}?{_NUM}{_DEN}")
 
 
@@ -151,7 +153,7 @@ def parse_score(
             if got is not None:
                 return got
         if hi is not None:
-            got = _start_of_line(folded, line, found)
+            got = _start_of_line(folded, line, found) or first(_SAYS, lo, hi)
             if got is not None:
                 return got
     return first(_VERB)

@@ -47,6 +47,8 @@ REPLIES: list[tuple[str, float | None]] = [
     ("The response deserves a score of 2 because it gets the dates wrong.", 2),
     ("3/5", 3),
     ("Score: four", None),
+    ("The answer is 3.5, which means the request was met.", 3.5),  # SmolLM2-135M's habit on the judge template
+    ("The answer is 5.7, and it's a perfect example.", None),
     ("评分：4分\n回答准确。", 4),
     ("4分\n回答基本准确，但缺少细节。", 4),
     ("这个回答很好，我给4.5分。", 4.5),
