@@ -43,6 +43,10 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
                     "method", "rank"),
     "Tagger": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "min_count": 2},
                "merge_similarity", 0.8),
+    "IFDScorer": ({"backend": {"kind": "vllm", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "max_length": 256},
+                  "variant", "superfiltering"),
+    "Perplexity": ({"backend": {"kind": "vllm", "base_url": "http://127.0.0.1:9/v1", "model": "m"}}, "max_length", 256),
+    "RewardScorer": ({"model": "/models/reward-model"}, "format", "pair"),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
