@@ -5,6 +5,7 @@ mode, Chinese, accounting, resume in-process and after SIGKILL), and end to end 
 from __future__ import annotations
 
 import json
+import os
 import random
 import textwrap
 import time
@@ -595,28 +596,64 @@ def acceptance_report(counts: dict[str, int], language: str) -> str:
     return "\n".join(lines)
 
 
+# SmolLM2-135M writes little readable Chinese: in a measured run (see the closing note of issue 9) about one task in
+# ten that passed the post-filters got a usable instance, so the Chinese run in the suite grows 8 tasks, not 20, to
+# keep CI inside its budget. THRESHER_E2E_TASKS=20 runs both languages to 20 tasks.
+E2E_TASKS = {"en": 20, "zh": 8}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # a few minutes on an idle 2-core machine; shared, loaded machines take longer
+@pytest.mark.timeout(3600)  # several minutes on an idle 2-core machine; shared, loaded machines take longer
 @pytest.mark.parametrize("language", ["en", "zh"])
 def test_end_to_end_with_the_bundled_model(llama_server: str, tmp_path: Path, language: str) -> None:
+    """SelfInstruct grows tasks from the shipped seeds with SmolLM2-135M behind llama.cpp's OpenAI server,
+    EvolInstruct runs 2 rounds on them, Respond answers the evolved rows. Every column is present, every rejected
+    row names its filter and reason, each step's accounting balances; the acceptance rate per filter is printed."""
+    from thresher.generators import EvolInstruct, Respond
+    from thresher.generators.evol_instruct import RULES
+
     # sampling hotter than the reference's 0.7 / top_p 0.5, at which the 135M model mostly copies its demonstrations;
     # Chinese costs SmolLM2 two to three tokens a character, so its replies need larger budgets to end uncut
     zh = language == "zh"
-    pipe = Pipeline(f"self-instruct-{language}")
+    target = int(os.environ.get("THRESHER_E2E_TASKS") or E2E_TASKS[language])
+    backend = {"kind": "openai", "base_url": llama_server, "model": "smollm2", "max_concurrency": 4, "timeout": 120}
+    pipe = Pipeline(f"grow-{language}")
     pipe.add(SelfInstruct(
-        backend={"kind": "openai", "base_url": llama_server, "model": "smollm2", "max_concurrency": 4},
-        language=language, num_instructions=20, requests_per_batch=4, max_requests=48,
-        max_tokens=400 if zh else 200, instance_max_tokens=128 if zh else 64, temperature=1.0, top_p=0.95,
+        backend=backend, language=language, num_instructions=target, requests_per_batch=4, max_requests=8 * target,
+        max_tokens=400 if zh else 200, instance_max_tokens=192 if zh else 64, temperature=1.0, top_p=0.95,
     ), name="self_instruct")  # fmt: skip
+    pipe.add(EvolInstruct(backend=backend, language=language, rounds=2, max_tokens=96 if zh else 48,
+                          answer_max_tokens=80 if zh else 40, batch_size=32), name="evol", after=["self_instruct"])  # fmt: skip
+    pipe.add(Respond(backend=backend, max_tokens=64 if zh else 32), name="answer", after=["evol"])
     t0 = time.perf_counter()
     result = pipe.run(tmp_path / "run", progress=False)
+    seconds = time.perf_counter() - t0
     rec = result.steps["self_instruct"]
     counts = rec.metrics["counts"]
-    print(f"\n{time.perf_counter() - t0:.0f} s\n" + acceptance_report(counts, language))
     out = result.table("self_instruct")
     assert out.schema == OUTPUT_SCHEMA
-    assert len(set(out.column("task_id").to_pylist())) >= 20
+    tasks = len(set(out.column("task_id").to_pylist()))
+    assert tasks >= target
     assert all(out.column(c).null_count == 0 for c in ("id", "instruction", "input", "output", "demonstrations"))
     rejected = result.rejected("self_instruct")
     assert all(rejected.column("reason").to_pylist()) and all(rejected.column("filter").to_pylist())
     assert rec.candidates == rec.rows_out + rec.rows_rejected + rec.rows_failed
+    # EvolInstruct: each row evolved twice; rounds, operations and parents say where each row came from (an evolved
+    # row is a new task: it keeps its parent's id, not the parent's Self-Instruct lineage)
+    evol = result.steps["evol"]
+    evolved, evol_rejected = result.table("evol"), result.rejected("evol")
+    assert evol.candidates == 2 * out.num_rows == evol.rows_out + evol.rows_rejected + evol.rows_failed
+    for column in ("parent_id", "evol_round", "evol_operation"):
+        assert column in evolved.column_names and column in evol_rejected.column_names
+    parents = set(out.column("id").to_pylist()) | set(evolved.column("id").to_pylist())
+    assert set(evolved.column("parent_id").to_pylist()) <= parents
+    evol_reasons = evol_rejected.column("reason").to_pylist()
+    assert all(r.split(":", 1)[0] in RULES for r in evol_reasons)
+    answered = result.steps["answer"]
+    assert answered.rows_in == evolved.num_rows == answered.rows_out + answered.rows_failed
+    if answered.rows_out:
+        assert result.table("answer").column("output").null_count == 0
+    print(f"\n{seconds:.0f} s in all\n" + acceptance_report(counts, language))
+    rules = Counter(r.split(":", 1)[0] for r in evol_reasons)
+    print(f"  EvolInstruct: {evolved.num_rows} of {evol.candidates} evolutions accepted; rejected by "
+          f"{dict(rules)}; {evol.rows_failed} failed; Respond answered {answered.rows_out}")
