@@ -3,5 +3,7 @@
 from thresher.filters.exact_dedup import ExactDedup
 from thresher.filters.rouge import RougeFilter, RougePool, rouge_tokens
 from thresher.filters.rules import LengthFilter, RegexFilter
+from thresher.filters.select import LongestSelect, RandomSelect, Threshold, TopK, TopPercent
 
 __all__ = ["ExactDedup", "LengthFilter", "RegexFilter", "RougeFilter", "RougePool", "rouge_tokens"]
+__all__ += ["LongestSelect", "RandomSelect", "Threshold", "TopK", "TopPercent"]

@@ -84,6 +84,7 @@ def check_columns(step: Step, name: str, input_columns: Sequence[Sequence[str]])
             raise PipelineError(
                 f"step {name!r} ({type(step).__name__}) needs column(s) {missing}{which}, "
                 f"which the data does not have; available: {sorted(cols)}"
+                + (f". {hint}" if (hint := step.missing_columns_hint(missing)) else "")
             )
 
 

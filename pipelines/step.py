@@ -221,6 +221,11 @@ class Step:
         """Columns this instance reads: the class's `inputs`, unless a parameter names them (override)."""
         return tuple(self.inputs)
 
+    def missing_columns_hint(self, missing: Sequence[str]) -> str:
+        """A sentence added to the error for columns this step needs and its input lacks: which step makes them
+        (e.g. "run thresher.scorers.Tagger before it"). "" when there is nothing to add."""
+        return ""
+
     def writes(self) -> tuple[str, ...]:
         """Columns this instance adds: the class's `outputs`, unless a parameter names them (override)."""
         return tuple(self.outputs)

@@ -47,9 +47,15 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
                   "variant", "superfiltering"),
     "Perplexity": ({"backend": {"kind": "vllm", "base_url": "http://127.0.0.1:9/v1", "model": "m"}}, "max_length", 256),
     "RewardScorer": ({"model": "/models/reward-model"}, "format", "pair"),
+    "Threshold": ({"column": "n", "minimum": 3}, "minimum", 4),
+    "TopK": ({"column": "n", "k": 10}, "k", 5),
+    "TopPercent": ({"column": "n", "percent": 25.0}, "percent", 50.0),
+    "LongestSelect": ({"budget": 10}, "budget", 5),
+    "RandomSelect": ({"budget": 10, "seed": 1}, "seed", 2),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
+CHEAP |= {"Threshold", "TopK", "TopPercent", "LongestSelect", "RandomSelect"}
 
 
 def small_table() -> pa.Table:
@@ -58,6 +64,7 @@ def small_table() -> pa.Table:
         "instruction": [f"Say hello {i % 15} times." for i in range(40)],
         "input": ["" if i % 2 else "politely" for i in range(40)],
         "output": ["hello " * (i % 9) if i % 11 else "As an AI, I cannot." for i in range(40)],
+        "n": [i % 7 for i in range(40)],
     })
 
 
