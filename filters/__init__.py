@@ -1,9 +1,10 @@
 """Filters: separate grain from chaff (rule filters, exact and near dedup, diversity selection, thresholds)."""
 
 from thresher.filters.exact_dedup import ExactDedup
+from thresher.filters.mig import MIGSelect
 from thresher.filters.rouge import RougeFilter, RougePool, rouge_tokens
 from thresher.filters.rules import LengthFilter, RegexFilter
 from thresher.filters.select import LongestSelect, RandomSelect, Threshold, TopK, TopPercent
 
 __all__ = ["ExactDedup", "LengthFilter", "RegexFilter", "RougeFilter", "RougePool", "rouge_tokens"]
-__all__ += ["LongestSelect", "RandomSelect", "Threshold", "TopK", "TopPercent"]
+__all__ += ["MIGSelect", "LongestSelect", "RandomSelect", "Threshold", "TopK", "TopPercent"]

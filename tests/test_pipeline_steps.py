@@ -52,6 +52,7 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "TopPercent": ({"column": "n", "percent": 25.0}, "percent", 50.0),
     "LongestSelect": ({"budget": 10}, "budget", 5),
     "RandomSelect": ({"budget": 10, "seed": 1}, "seed", 2),
+    "MIGSelect": ({"budget": 10}, "tag_similarity", 0.8),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
