@@ -1,5 +1,6 @@
 """Filters: separate grain from chaff (rule filters, exact and near dedup, diversity selection, thresholds)."""
 
+from thresher.filters.decontaminate import Decontaminate
 from thresher.filters.exact_dedup import ExactDedup
 from thresher.filters.mig import MIGSelect
 from thresher.filters.rouge import RougeFilter, RougePool, rouge_tokens
@@ -7,4 +8,4 @@ from thresher.filters.rules import LengthFilter, RegexFilter
 from thresher.filters.select import LongestSelect, RandomSelect, Threshold, TopK, TopPercent
 
 __all__ = ["ExactDedup", "LengthFilter", "RegexFilter", "RougeFilter", "RougePool", "rouge_tokens"]
-__all__ += ["MIGSelect", "LongestSelect", "RandomSelect", "Threshold", "TopK", "TopPercent"]
+__all__ += ["Decontaminate", "LongestSelect", "MIGSelect", "RandomSelect", "Threshold", "TopK", "TopPercent"]

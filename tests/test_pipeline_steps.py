@@ -53,10 +53,11 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "LongestSelect": ({"budget": 10}, "budget", 5),
     "RandomSelect": ({"budget": 10, "seed": 1}, "seed", 2),
     "MIGSelect": ({"budget": 10}, "tag_similarity", 0.8),
+    "Decontaminate": ({"benchmarks": [str(SHARED / "cherry-llm" / "koala_test_set.jsonl")]}, "ngram", 10),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
-CHEAP |= {"Threshold", "TopK", "TopPercent", "LongestSelect", "RandomSelect"}
+CHEAP |= {"Threshold", "TopK", "TopPercent", "LongestSelect", "RandomSelect", "Decontaminate"}
 
 
 def small_table() -> pa.Table:
