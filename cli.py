@@ -235,5 +235,32 @@ def _steps_table(run_dir: Path) -> str:
     return "\n".join(out)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("step")
+@click.option("--threshold", type=float, required=True, help="The new cosine threshold (duplicates at or above it).")
+@click.option("--grouping", type=click.Choice(["components", "greedy"]), default=None,
+              help="Also change how groups are formed (default: as the step ran).")
+@click.option("--export", "export", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the rows kept at the new threshold to this file (format from its extension).")
+def rethreshold(run_dir: Path, step: str, threshold: float, grouping: str | None, export: Path | None) -> None:
+    """NearDedup step STEP of the run in RUN_DIR at another --threshold, from its stored vectors (nothing is
+    embedded again; the run directory is not changed)."""
+    from thresher.filters.near_dedup import rethreshold as redo
+    from thresher.pipelines.runner import open_run
+
+    before = open_run(run_dir).steps.get(step)
+    res = redo(run_dir, step, threshold, **({"grouping": grouping} if grouping else {}))
+    old = before.params.get("threshold") if before is not None else None
+    if before is not None:
+        click.echo(f"{step} at threshold {old}: {before.rows_out} kept, {before.rows_rejected} removed")
+    click.echo(f"{step} at threshold {threshold}: {res.rows_out} kept, {res.rows_rejected} removed")
+    if export is not None:
+        from thresher.data import write_records
+
+        n = write_records(res.output, export)
+        click.echo(f"wrote {n} rows to {export}")
+
+
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ Steps depend on the protocols (`ChatBackend`, `EmbeddingBackend`, `LogprobBacken
     Transformers                local HF model: generation, per-token log-probabilities, next-token scores
     SentenceTransformerEmbeddings  bundled all-MiniLM-L6-v2: the default embedder
     OpenAIEmbeddings            any OpenAI-compatible /embeddings endpoint
+    MultilingualUSEEmbeddings   bundled multilingual USE v3 (Chinese and 15 more languages; extra `zh`)
 
 `make_backend(spec)` / `make_embedder(spec)` build one from a YAML-friendly dict. Every request goes through the
 SQLite `RequestCache`. Importing this package loads no model library: torch, transformers, llama_cpp,
@@ -26,7 +27,7 @@ from thresher.llms.base import (
 from thresher.llms.bundled import minilm_dir, smollm2_gguf
 from thresher.llms.cache import CacheStats, RequestCache, default_cache_path, request_key
 from thresher.llms.config import make_backend, make_embedder, spec_identity
-from thresher.llms.embeddings import OpenAIEmbeddings, SentenceTransformerEmbeddings
+from thresher.llms.embeddings import MultilingualUSEEmbeddings, OpenAIEmbeddings, SentenceTransformerEmbeddings
 from thresher.llms.hf import Transformers, hf_dir_for_gguf
 from thresher.llms.limits import RateLimiter, RetryPolicy
 from thresher.llms.llamacpp import LlamaCpp
@@ -42,6 +43,7 @@ __all__ = [
     "LlamaCpp",
     "LogprobBackend",
     "Message",
+    "MultilingualUSEEmbeddings",
     "OpenAICompatible",
     "OpenAIEmbeddings",
     "RateLimiter",

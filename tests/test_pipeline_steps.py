@@ -54,6 +54,9 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "RandomSelect": ({"budget": 10, "seed": 1}, "seed", 2),
     "MIGSelect": ({"budget": 10}, "tag_similarity", 0.8),
     "Decontaminate": ({"benchmarks": [str(SHARED / "cherry-llm" / "koala_test_set.jsonl")]}, "ngram", 10),
+    "NearDedup": ({"threshold": 0.9, "score": "deita_score"}, "threshold", 0.85),
+    "DiversitySelect": ({"score": "deita_score", "budget": 100}, "threshold", 0.8),
+    "KMeansSample": ({"k": 4, "per_cluster": 2, "score": "perplexity"}, "quantiles", (0.1, 0.9)),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
