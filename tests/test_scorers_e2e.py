@@ -27,7 +27,8 @@ def sample_rows(shared_data: Path) -> list[dict[str, str]]:
 def test_judge_deita_and_tagger_on_the_bundled_model(llama_server: str, shared_data: Path, tmp_path: Path) -> None:
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(shared_data)))
-    # llama.cpp's server ignores a json_schema response_format; {"type": "json_object", "schema": ...} is its grammar
+    # llama.cpp's server refuses a json_schema response_format (json_mode auto would step down after one refusal);
+    # {"type": "json_object", "schema": ...} is the form it turns into a grammar
     served = {"kind": "openai", "base_url": llama_server, "model": "smollm2", "max_concurrency": 2,
               "json_mode": "object+schema"}  # fmt: skip
     pipe = Pipeline("score")
