@@ -244,7 +244,8 @@ class Step:
 
     @property
     def default_name(self) -> str:
-        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).lower()
+        # snake_case that keeps acronyms whole: MIGSelect -> mig_select, LLMJudge -> llm_judge, TopK -> top_k
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", type(self).__name__).lower()
 
     # ---- standalone use -------------------------------------------------------------------------
 
