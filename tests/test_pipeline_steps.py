@@ -292,3 +292,11 @@ def test_chaining_two_pipelines_that_share_the_joint_step() -> None:
     assert joined.nodes["regex_filter"].parents == ["numbers"]
     assert joined.nodes["length_filter"].parents == ["regex_filter"]
     assert joined.tips == ["length_filter"]
+
+
+def test_default_names_are_snake_case_with_acronyms_kept_whole() -> None:
+    from thresher.filters import ExactDedup, KMeansSample, MIGSelect, TopK
+    from thresher.scorers import IFDScorer, LLMJudge
+
+    names = [s().default_name for s in (MIGSelect, LLMJudge, IFDScorer, TopK, ExactDedup, KMeansSample)]
+    assert names == ["mig_select", "llm_judge", "ifd_scorer", "top_k", "exact_dedup", "k_means_sample"]
