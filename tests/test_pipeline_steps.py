@@ -57,6 +57,8 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "NearDedup": ({"threshold": 0.9, "score": "deita_score"}, "threshold", 0.85),
     "DiversitySelect": ({"score": "deita_score", "budget": 100}, "threshold", 0.8),
     "KMeansSample": ({"k": 4, "per_cluster": 2, "score": "perplexity"}, "quantiles", (0.1, 0.9)),
+    "TaskClassifier": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}},
+                       "language", "zh"),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
