@@ -299,8 +299,9 @@ class Decontaminate(ModelStep, GlobalFilter):
     text such as `history`). ngram / cjk_ngram: n-gram length in words / CJK characters (13 / 20). min_ngram /
     min_cjk_ngram: shorter benchmark texts down to this length count when a row contains them whole (8 / 12);
     shorter still, down to `min_exact` words (4), only a row field equal to them counts. embedding_threshold: cosine at which a row's prompt
-    (`embed_fields` joined) is too close to a benchmark record's prompt (None: no embedding route; 0.9 is a
-    starting point for paraphrases with MiniLM). embedder: the embedding model (None: bundled MiniLM).
+    (`embed_fields` joined) is too close to a benchmark record's prompt (None: no embedding route; with MiniLM a
+    reworded Vicuna question scored 0.83 against its original, so paraphrases need about 0.75-0.8, and
+    `benchmark_similarity` shows where a set's rows lie before you choose). embedder: the embedding model (None: bundled MiniLM).
 
     A removed row gets `benchmark_file`, `benchmark_record` (1-based record number in that file),
     `benchmark_text` (the benchmark text it matched), `matched_field` and `matched_ngram` (the shared n-gram, or
