@@ -36,7 +36,7 @@ def check_length(original: str, rewrite: str, *, min_ratio: float = 0.5) -> str 
     """The rewrite keeps at least `min_ratio` of the original's tokens."""
     o, r = count_tokens(original), count_tokens(rewrite)
     if r < min_ratio * o:
-        return f"the rewrite has {r} tokens, under {min_ratio:g} of the original's {o}"
+        return f"the rewrite has {r} token{'' if r == 1 else 's'}, under {min_ratio:g} of the original's {o}"
     return None
 
 

@@ -59,6 +59,10 @@ EXAMPLES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "KMeansSample": ({"k": 4, "per_cluster": 2, "score": "perplexity"}, "quantiles", (0.1, 0.9)),
     "TaskClassifier": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}},
                        "language", "zh"),
+    "ReAlign": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, "task": "open_qa",
+                 "retriever": {"kind": "bm25", "corpus": ["Canberra is the capital of Australia."]}}, "n", 3),
+    "Polish": ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}}, "min_length_ratio",
+               0.6),
 }
 # steps whose accounting can be checked on the small table below without a model
 CHEAP = {"TextStats", "SetValue", "LengthFilter", "RegexFilter", "ExactDedup"}
