@@ -85,8 +85,12 @@ class Polish(RewriteStep, ModelStep, RowStep):
         status: list[str | None] = [None] * n
         errors: list[str | None] = [None] * n
         rows: list[int] = []
+        ids = batch.column("id").to_pylist() if "id" in cols else None
         for i in range(n):
-            if not isinstance(out[i], str) or not out[i].strip():
+            bad = self.not_text(ids, i, instruction=instr[i], input=inp[i], output=out[i])
+            if bad is not None:
+                errors[i] = bad
+            elif not isinstance(out[i], str) or not out[i].strip():
                 status[i] = "kept: empty: the row has no response to polish"
             elif not isinstance(instr[i], str) or not instr[i].strip():
                 status[i] = "kept: empty: the row has no instruction to polish its response for"

@@ -155,7 +155,10 @@ class ReAlign(RewriteStep, ModelStep, RowStep):
                              f"(run TaskClassifier, or fix the column); valid: {', '.join(tax.kinds)}")  # fmt: skip
                 continue
             spec = tax[kind]
-            if not isinstance(out[i], str) or not out[i].strip():
+            bad = self.not_text(ids, i, instruction=instr[i], input=inp[i], output=out[i])
+            if bad is not None:
+                errors[i] = bad
+            elif not isinstance(out[i], str) or not out[i].strip():
                 status[i] = "kept: empty: the row has no response to rewrite"
             elif not isinstance(instr[i], str) or not instr[i].strip():
                 status[i] = "kept: empty: the row has no instruction to rewrite its response for"

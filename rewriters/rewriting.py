@@ -210,8 +210,9 @@ class RewriteStep:
             if self.temperature != 0:
                 params["seed"] = self.sample_seed("rewrite")  # type: ignore[attr-defined]
         results = self.model().chat(convs, **params) if convs else []  # type: ignore[attr-defined]
-        new_out = list(outputs)
-        original_col = list(before)
+        # a failed row's value that is not text (named in its error) cannot stay in a text column
+        new_out = [o if o is None or isinstance(o, str) else None for o in outputs]
+        original_col = [o if o is None or isinstance(o, str) else None for o in before]
         cue = self.CUE[self.language]
         for i, res in zip(rows, results, strict=True):
             if res.error is not None:
@@ -259,3 +260,11 @@ class RewriteStep:
     @staticmethod
     def question(instruction: Any, input_: Any) -> str:
         return user_text(instruction, input_)
+
+    def not_text(self, ids: list[Any] | None, i: int, **fields: Any) -> str | None:
+        """An error naming the row and field when one of `fields` holds something other than text (or null)."""
+        for field, value in fields.items():
+            if value is not None and not isinstance(value, str):
+                return (f"{self.row_name(ids, i)}, field {field!r}: expected text, "  # type: ignore[attr-defined]
+                        f"found {type(value).__name__} {value!r:.60}")  # fmt: skip
+        return None

@@ -203,3 +203,12 @@ def test_cue_and_markers() -> None:
     assert strip_cue("Hi. Rewritten response", "Rewritten response") == "Hi. Rewritten response"
     markers = template_markers(["### User request\n$question\n\n### Target format\n$format\n"])
     assert "### Target format" in markers and "User request:" in markers
+
+
+def test_a_value_that_is_not_text_fails_its_row_by_name(fault: FaultServer) -> None:
+    table = pa.table({"id": ["x1"], "instruction": ["How many?"], "output": [72], "task": ["math_problem"]})
+    for step in (ReAlign(backend=spec(fault)), Polish(backend=spec(fault))):
+        res = step.apply(table)
+        assert res.rows_failed == 1 and res.rows_out == 0
+        assert res.failed.column("error").to_pylist() == ["row id='x1', field 'output': expected text, found int 72"]
+    assert fault.stats()["total"] == 0

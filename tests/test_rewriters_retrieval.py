@@ -143,14 +143,14 @@ def test_bad_corpora_are_named(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_embedding_retriever_finds_paraphrases(tmp_path: Path, isolated_cache: Path) -> None:
-    r = EmbeddingRetriever(corpus=FACTS, index_dir=tmp_path)
+    r = EmbeddingRetriever(corpus=FACTS, index_dir=tmp_path / "idx")
     found = r.retrieve("Which city is the seat of the French government?", k=2)
     assert found[0].text == FACTS[0] and found[0].score > found[1].score
     many = r.retrieve_many(["tallest peak on Earth", "a river in Egypt"], k=1)
     assert [m[0].text for m in many] == [FACTS[3], FACTS[2]]
     # cached: a second retriever opens the same index without embedding the corpus again
-    again = EmbeddingRetriever(corpus=FACTS, index_dir=tmp_path)
-    assert again.identity() == r.identity() and len(list(tmp_path.iterdir())) == 1
+    again = EmbeddingRetriever(corpus=FACTS, index_dir=tmp_path / "idx")
+    assert again.identity() == r.identity() and len(list((tmp_path / "idx").iterdir())) == 1
     assert again.retrieve("tallest peak on Earth", k=1)[0].text == FACTS[3]
     assert EmbeddingRetriever(corpus=FACTS, min_score=0.9).retrieve("a river in Egypt", k=3) == []
 
