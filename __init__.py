@@ -10,6 +10,7 @@ that need them, so `import thresher` stays fast.
 from thresher.errors import (
     AccountingError,
     BackendError,
+    BudgetExceeded,
     ConfigError,
     FingerprintError,
     PipelineError,
@@ -45,6 +46,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "AccountingError",
     "BackendError",
+    "BudgetExceeded",
     "ConfigError",
     "Filter",
     "FingerprintError",

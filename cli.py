@@ -71,12 +71,19 @@ def main() -> None:
               help="Layout of --export: alpaca, sharegpt, messages or prompt_completion.")
 @click.option("--no-cache", is_flag=True,
               help="Do not read or write the LLM request cache (every model request is sent again).")
+@click.option("--estimate", is_flag=True,
+              help="Send nothing: print the expected requests, tokens and cost per step (finished steps cost 0).")
+@click.option("--estimate-sample", default=8, show_default=True, help="Rows the --estimate prompts are rendered on.")
+@click.option("--estimate-fill", default=0.5, show_default=True,
+              help="--estimate: expected completion length as a fraction of max_tokens.")
 def run(
-    recipe: Path, out: Path | None, fresh: bool, quiet: bool, export: Path | None, layout: str, no_cache: bool
+    recipe: Path, out: Path | None, fresh: bool, quiet: bool, export: Path | None, layout: str, no_cache: bool,
+    estimate: bool = False, estimate_sample: int = 8, estimate_fill: float = 0.5,
 ) -> None:
     """Run the pipeline in RECIPE (YAML), resuming whatever an earlier run finished."""
     import os
 
+    from thresher.errors import BudgetExceeded
     from thresher.pipelines.recipe import load_recipe
 
     if no_cache:
@@ -84,7 +91,14 @@ def run(
 
     pipeline = load_recipe(recipe)
     run_dir = out or Path("runs") / pipeline.name
-    result = pipeline.run(run_dir, fresh=fresh, progress=not quiet)
+    if estimate:
+        click.echo(pipeline.estimate(None if fresh else run_dir, sample=estimate_sample, fill=estimate_fill).table())
+        return
+    try:
+        result = pipeline.run(run_dir, fresh=fresh, progress=not quiet)
+    except BudgetExceeded as e:
+        click.echo(_steps_table(run_dir), err=True)
+        raise click.ClickException(f"stopped: {e}") from None
     click.echo(_steps_table(result.run_dir))
     for leaf in pipeline.leaves():
         click.echo(f"output of {leaf}: {result.output_dir(leaf)}")

@@ -9,6 +9,7 @@
     ├── StepError              a step failed while running: names the step (and row id when known)
     │   └── AccountingError    rows in != out + rejected + failed
     └── BackendError           an LLM / embedding backend could not answer (after retries)
+        └── BudgetExceeded     a backend's max_cost_usd was reached: the run stopped, re-run with more to resume
 
 Every message says what was expected and what was found.
 """
@@ -88,3 +89,8 @@ class AccountingError(StepError):
 
 class BackendError(ThresherError):
     """A model backend failed to answer a request."""
+
+
+class BudgetExceeded(BackendError):
+    """A backend spec's `max_cost_usd` was reached: no new request is sent. What was answered is in the request
+    cache and every committed batch stays committed, so a re-run with a larger budget resumes."""

@@ -43,7 +43,8 @@ _EMBED_ALIASES = {"default": "sentence_transformers", "st": "sentence_transforme
 #: parameters that name where or how fast, never what: absent from fingerprints
 RUNTIME_KEYS = frozenset(
     {"base_url", "max_concurrency", "rpm", "tpm", "timeout", "max_retries", "retry_base_delay", "retry_max_delay",
-     "cache", "progress", "transport", "headers", "device", "batch_size", "n_threads", "n_threads_batch", "convert_dir", "api_key_env", "prices"}
+     "cache", "progress", "transport", "headers", "device", "batch_size", "n_threads", "n_threads_batch", "convert_dir", "api_key_env", "prices",
+     "max_cost_usd"}
 )  # fmt: skip
 _SECRET_KEYS = frozenset({"api_key", "key", "token", "password", "authorization"})
 

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from thresher.errors import BackendError, ConfigError
+from thresher.llms import budget
 from thresher.llms._aio import LoopThread
 from thresher.llms.base import Completion, Conversation, Usage, check_gen_params
 from thresher.llms.cache import RequestCache, request_key, resolve_cache
@@ -242,6 +243,8 @@ class OpenAICompatible(PromptLogprobs):
     - timeout, max_retries, retry_base_delay, retry_max_delay: see `limits.RetryPolicy`.
     - json_mode, max_reasks: structured output (see `structured`).
     - prices: USD per million tokens, `{"prompt": 0.15, "completion": 0.6}`, for `usage.cost_usd`.
+    - max_cost_usd: stop sending once this spec (base URL + model) has spent this much in the run (needs `prices`;
+      see `thresher.llms.budget`): the call raises `BudgetExceeded` after the requests in flight have finished.
     - cache: True (default file), False, a path or a RequestCache. cache_namespace: extra key part, e.g. to tell
       apart two servers that serve different weights under one model name.
     - transport: "auto" (default: "lean" for http:// servers, "openai" for https:// APIs), "lean" (asyncio
@@ -270,6 +273,7 @@ class OpenAICompatible(PromptLogprobs):
         json_mode: str = "auto",
         max_reasks: int = 2,
         prices: Mapping[str, float] | None = None,
+        max_cost_usd: float | None = None,
         cache: bool | str | os.PathLike[str] | RequestCache = True,
         cache_namespace: str | None = None,
         transport: str = "auto",
@@ -290,6 +294,7 @@ class OpenAICompatible(PromptLogprobs):
         self.json_mode = json_mode
         self.max_reasks = max_reasks
         self.prices = prices
+        self.max_cost_usd = max_cost_usd
         self.cache = cache
         self.cache_namespace = cache_namespace
         self.transport = transport
@@ -321,6 +326,14 @@ class OpenAICompatible(PromptLogprobs):
                 raise ConfigError(
                     f"OpenAICompatible: prices keys must be 'prompt' and 'completion' (USD per 1M tokens), got {sorted(bad)}"
                 )
+        if self.max_cost_usd is not None:
+            if isinstance(self.max_cost_usd, bool) or not isinstance(self.max_cost_usd, (int, float)) or self.max_cost_usd <= 0:
+                raise ConfigError(f"OpenAICompatible: max_cost_usd must be a positive number, got {self.max_cost_usd!r}")
+            if not self.prices:
+                raise ConfigError(
+                    "OpenAICompatible: max_cost_usd needs prices ({prompt: ..., completion: ...} in USD per 1M tokens): "
+                    "without them nothing is counted"
+                )
         if self.transport != "auto" and self.transport not in TRANSPORTS:
             raise ConfigError(
                 f"OpenAICompatible: transport must be 'auto' or one of {sorted(TRANSPORTS)}, got {self.transport!r}"
@@ -339,6 +352,13 @@ class OpenAICompatible(PromptLogprobs):
 
     def _api_key(self) -> str | None:
         return resolve_api_key(self.resolved_base_url, self.api_key, self.api_key_env, "OpenAICompatible")
+
+    def budget_key(self) -> tuple[str, str]:
+        """What `max_cost_usd` counts together across the steps of a run: one server, one model."""
+        return (self.resolved_base_url, self.model)
+
+    def over_budget(self) -> bool:
+        return self.max_cost_usd is not None and budget.spent(self.budget_key()) >= float(self.max_cost_usd)
 
     def check_secrets(self) -> None:
         """Raise ConfigError now if a key is needed and absent (call before the first paid request)."""
@@ -522,12 +542,16 @@ class OpenAICompatible(PromptLogprobs):
                 bar.update(len(got) if row.result.error is None else len(samples))
 
         active = 0
+        stopped = False
         changed = asyncio.Event()
 
         async def worker() -> None:
             # take jobs until none is queued and none is running (a running one may queue a follow-up)
-            nonlocal active
+            nonlocal active, stopped
             while True:
+                if (jobs or reask_jobs) and self.over_budget():
+                    stopped = True  # send nothing new; what is in flight finishes and reaches the cache
+                    return
                 if jobs or reask_jobs:
                     active += 1
                     try:
@@ -560,13 +584,14 @@ class OpenAICompatible(PromptLogprobs):
         finally:
             if bar is not None:
                 bar.close()
-        if self.prices:  # what this call paid for (cache hits cost nothing)
-            prompt_tok = sum(row.result.prompt_tokens for row in rows)
-            completion_tok = sum(row.result.completion_tokens for row in rows)
-            self.usage.cost_usd += (
-                prompt_tok * float(self.prices.get("prompt", 0.0))
-                + completion_tok * float(self.prices.get("completion", 0.0))
-            ) / 1e6
+        if stopped:
+            from thresher.errors import BudgetExceeded
+
+            raise BudgetExceeded(
+                f"{self.resolved_base_url} (model {self.model!r}): max_cost_usd={self.max_cost_usd} reached "
+                f"(${budget.spent(self.budget_key()):.6f} spent in this run); nothing new was sent. Answers so far are "
+                "in the request cache and committed batches stay committed: re-run with a larger max_cost_usd to resume"
+            )
         out = []
         for r, row in enumerate(rows):
             res = row.result
@@ -658,6 +683,10 @@ class OpenAICompatible(PromptLogprobs):
             pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
             self.usage.prompt_tokens += pt
             self.usage.completion_tokens += ct
+            if self.prices:  # priced per request (cache hits cost nothing), so a budget sees each answer as it lands
+                cost = (pt * float(self.prices.get("prompt", 0.0)) + ct * float(self.prices.get("completion", 0.0))) / 1e6
+                self.usage.cost_usd += cost
+                budget.add(self.budget_key(), cost)
             self._client.limiter.settle(est, pt + ct)
             return data
 

@@ -219,6 +219,20 @@ class Pipeline:
 
         return check_pipeline(self)
 
+    def estimate(
+        self,
+        run_dir: str | Path | None = None,
+        *,
+        sample: int = 8,
+        tokenizer: Any = "auto",
+        fill: float = 0.5,
+    ) -> Any:
+        """Expected requests, tokens and cost per step before paying for anything (`thresher.pipelines.estimate`);
+        steps already finished in `run_dir` cost nothing. `print()` the result for the table."""
+        from thresher.pipelines.estimate import estimate
+
+        return estimate(self, run_dir=run_dir, sample=sample, tokenizer=tokenizer, fill=fill)
+
     def run(
         self,
         run_dir: str | Path,

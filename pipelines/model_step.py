@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from thresher.errors import ConfigError
@@ -164,6 +164,39 @@ class ModelStep:
         self.load()
         remote = any(getattr(b, "kind", None) == "openai" for b in self._distinct())
         return 2 if remote else 1
+
+    # ---- cost estimates (thresher.pipelines.estimate) ---------------------------------------------
+
+    def estimate_requests(self, sample_rows: Sequence[Mapping[str, Any]], *, tokenizer: Any = "auto",
+                          fill: float | None = None) -> list[Any]:  # fmt: skip
+        """The requests this step would send for `sample_rows`, sent nowhere: a list of
+        `thresher.pipelines.estimate.PlannedRequest` (messages, max_tokens, n, count).
+
+        The default runs the step on the rows against dry-run backends that record each request and answer with
+        filler `fill` × max_tokens long; a step whose requests do not follow its input rows overrides this."""
+        from thresher.pipelines import estimate
+
+        return estimate.dry_run(self, sample_rows, tokenizer=tokenizer, fill=fill or estimate.DEFAULT_FILL).requests
+
+    def estimate_plan(
+        self, sample_rows: Sequence[Mapping[str, Any]], rows_in: int, *, tokenizer: Any = "auto", fill: float | None = None
+    ) -> tuple[list[Any], list[dict[str, Any]], int]:
+        """(the requests of the whole step, rows to hand the next step as its sample, the rows it will output), for
+        `rows_in` input rows of which `sample_rows` is a sample. Default: the dry run of `estimate_requests`, its
+        counts scaled by rows_in / len(sample_rows); a row step passes every row on, a generator as many as it
+        made candidates from the sample (every candidate accepted: an upper bound)."""
+        from thresher.pipelines import estimate
+
+        if not sample_rows and self.n_inputs != 0:  # type: ignore[attr-defined]
+            return [], [], 0
+        run = estimate.dry_run(self, sample_rows, tokenizer=tokenizer, fill=fill or estimate.DEFAULT_FILL)
+        scale = rows_in / len(sample_rows) if sample_rows else 1.0
+        for q in run.requests:
+            q.count *= scale
+        rows_out = rows_in
+        if getattr(self, "kind", "") == "generator":
+            rows_out = round(len(run.rows) * scale)
+        return run.requests, run.rows, rows_out
 
     # ---- seeded randomness ----------------------------------------------------------------------
 

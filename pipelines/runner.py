@@ -421,9 +421,12 @@ class Runner:
     # running -----------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        from thresher.llms import budget
+
         check_pipeline(self.pipeline)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with _RunLock(self.run_dir):
+            budget.start_run()  # max_cost_usd bounds what this run spends, over all of its steps
             return self._run()
 
     def _run(self) -> RunResult:
