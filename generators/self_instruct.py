@@ -389,39 +389,80 @@ class SelfInstruct(ModelStep, Generator):
     def estimate_plan(
         self, sample_rows: Sequence[Mapping[str, Any]], rows_in: int, *, tokenizer: Any = "auto", fill: float | None = None
     ) -> tuple[list[Any], list[dict[str, Any]], int]:
-        """Requests to reach `num_instructions` (the input rows play no part): task requests rendered on the
-        seeds, then, per accepted task, a classification and an instance request rendered on a seed task. A task
-        reply is counted as long as the tasks it holds (seed-sized), not as its max_tokens."""
+        """Requests to reach `num_instructions` (the input rows play no part): task requests rendered as the next
+        one would be, then, per accepted task, a classification and an instance request. Replies are counted as
+        long as what they hold: tasks and instances the size of those already made (after a stop) or of the seeds.
+        """
+        from statistics import mean
+
         from thresher.pipelines.estimate import DEFAULT_FILL, PlannedRequest, token_counter
 
         counter, fill = token_counter(tokenizer), fill or DEFAULT_FILL
         mode, seeds, prompts = self._mode(), self._seeds(), self._prompts()
-        per_request = self.ESTIMATE_TASKS_PER_REQUEST[self.mode]
-        asks = math.ceil(self.num_instructions / per_request)
-        asks = min(self._request_limit(), math.ceil(asks / self.requests_per_batch) * self.requests_per_batch)
+        per_request, per_task = self.ESTIMATE_TASKS_PER_REQUEST[self.mode], self.ESTIMATE_ROWS_PER_TASK
+        done, made = self._committed_counts(), self._committed_rows()
+        if done.get("accepted"):  # a run stopped part way: its own acceptance, and only the tasks still missing
+            per_request = done["accepted"] / max(1, done.get("requests", 0))
+            per_task = done.get("rows", 0) / done["accepted"]
+        missing = max(0, self.num_instructions - done.get("accepted", 0))
+        asks = math.ceil(missing / per_request) if missing else 0
+        asks = min(self._request_limit() - done.get("requests", 0),
+                   math.ceil(asks / self.requests_per_batch) * self.requests_per_batch)  # fmt: skip
+        asks = max(0, asks)
         tasks = asks * per_request
-        shown = self.demonstrations(0, seeds, [])
-        # what one reply holds: the tasks of one request, as long as seed tasks written the same way
-        new = mode.stop_at if self.mode == "alpaca" else mode.stop_at - mode.shown - 1
-        reply = counter.count(self._request_prompt(prompts, shown)) * new / max(1, len(shown))
-        plan = [PlannedRequest([{"role": "user", "content": self._request_prompt(prompts, shown)}],
-                               self.max_tokens or mode.max_tokens, count=asks, completion_tokens=reply)]  # fmt: skip
+        machine = list(dict.fromkeys((str(r["task_id"]), str(r["instruction"])) for r in made))
+        prompt = self._request_prompt(prompts, self.demonstrations(done.get("requests", 0), seeds, machine))
+        examples = [(str(r["instruction"]), str(r.get("input") or ""), str(r.get("output") or "")) for r in made]
+        examples = examples or [(t.instruction, *(t.instances or (("", ""),))[0]) for t in seeds]
+        if self.mode == "alpaca":  # a reply holds `stop_at` tasks, each with an input and an output
+            task_tokens = mean(counter.count(f"###\n{i}\n{a}\n{b}") for i, a, b in examples)
+            reply = task_tokens * mode.stop_at
+        else:  # a reply holds the items after those shown, up to the stop
+            reply = mean(counter.count(f"9. {i}") for i, _, _ in examples) * (mode.stop_at - mode.shown - 1)
+        plan = [PlannedRequest([{"role": "user", "content": prompt}], self.max_tokens or mode.max_tokens, count=asks,
+                               completion_tokens=reply)]  # fmt: skip
         rows = tasks
         if self.mode != "alpaca":
-            seed = seeds[0]
+            task = examples[0][0]
             plan.append(PlannedRequest([{"role": "user", "content": prompts["is_classification"].render(
-                instruction=seed.instruction)}], 5, count=tasks, completion_tokens=1.0))  # fmt: skip
-            name = "instances_output_first" if seed.is_classification else "instances_input_first"
-            plan.append(PlannedRequest([{"role": "user", "content": prompts[name].render(
-                instruction=seed.instruction, max_instances=self.max_instances)}], self.instance_max_tokens,
-                count=tasks))  # fmt: skip
-            rows = tasks * self.ESTIMATE_ROWS_PER_TASK
-        sample = []
-        for s in seeds[:8]:  # seed tasks stand for the tasks it will make, in the next step's sample
-            inp, out = (s.instances or (("", ""),))[0]
-            sample.append(self._row(None, id=record_id(s.instruction, inp, out), instruction=s.instruction,
-                                    input=inp, output=out, task_id=s.id))  # fmt: skip
-        return plan, sample, round(rows)
+                instruction=task)}], 5, count=tasks, completion_tokens=1.0))  # fmt: skip
+            pairs = [(a, b) for _, a, b in examples if b]
+            instances = (per_task * mean(counter.count(f"Example 1\nInput: {a}\nOutput: {b}") for a, b in pairs)
+                         if pairs else None)  # fmt: skip
+            plan.append(PlannedRequest([{"role": "user", "content": prompts["instances_input_first"].render(
+                instruction=task, max_instances=self.max_instances)}], self.instance_max_tokens, count=tasks,
+                completion_tokens=instances))  # fmt: skip
+            rows = tasks * per_task
+        sample = [dict(r) for r in made[:8]]
+        for t in seeds[: 8 - len(sample)]:  # seed tasks stand for the tasks it will make, in the next step's sample
+            inp, out = (t.instances or (("", ""),))[0]
+            sample.append(self._row(None, id=record_id(t.instruction, inp, out), instruction=t.instruction,
+                                    input=inp, output=out, task_id=t.id))  # fmt: skip
+        return plan, sample, round(rows + done.get("rows", 0))
+
+    def _committed_rows(self) -> list[dict[str, Any]]:
+        from thresher.pipelines.runner import read_folder
+
+        if self.workdir_ is None or not (self.workdir_ / "output").is_dir():
+            return []
+        rows: list[dict[str, Any]] = read_folder(self.workdir_ / "output").to_pylist()
+        return rows
+
+    def _committed_counts(self) -> dict[str, int]:
+        """The counters of the last committed batch in the step's run folder (empty on a fresh start)."""
+        import json
+
+        from thresher.pipelines.estimate import committed_end
+
+        if self.workdir_ is None or not (batches := committed_end(self.workdir_)):
+            return {}
+        path = self.workdir_ / "state" / f"part-{batches - 1:012d}.json"
+        if not path.is_file():
+            return {}
+        state: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")).get("state") or {}
+        counts: dict[str, Any] = dict(state.get("counts") or {})
+        counts["requests"] = state.get("requests", counts.get("requests", 0))
+        return {k: int(v) for k, v in counts.items() if isinstance(v, (int, float))}
 
     def _tokenizer(self) -> str:
         # rouge_score's tokenizer keeps only [a-z0-9]: Chinese text would score 0 against everything

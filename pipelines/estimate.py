@@ -7,7 +7,9 @@ the sample are the data's own. A model step says which requests it would send fo
 records every request, with the step's own prompts rendered on the real rows, and answers without sending anything;
 a step whose requests do not follow its rows (SelfInstruct grows to `num_instructions`) says so itself. Each planned
 request carries `count`, how many like it the whole step sends, so the sample's requests scale to the rows expected.
-A step that is finished in the run directory costs nothing (its real rows and sample are read back instead).
+A step that is finished in the run directory costs nothing (its real rows and sample are read back instead); one
+stopped part way (a crash, a budget) is counted from where it resumes: a row step's rows after its committed
+batches, SelfInstruct's missing tasks at the acceptance its committed batches measured.
 
 Tokens. Prompt tokens are counted on the rendered messages with `tokenizer`: "auto" (tiktoken's o200k_base when
 installed and loadable offline, else the chars/4 rule), "chars4" (one token per 4 characters, OpenAI's rule of
@@ -323,11 +325,22 @@ def _prices(step: Any, param: str) -> tuple[Mapping[str, float] | None, float | 
     return getattr(real, "prices", None), getattr(real, "max_cost_usd", None)
 
 
-def _done_dir(run_dir: Path | None, name: str, fp: str) -> Path | None:
-    if run_dir is None:
-        return None
-    d = run_dir / "steps" / f"{name}-{fp[:16]}"
-    return d if (d / "_done.json").is_file() else None
+def _step_dir(run_dir: Path | None, name: str, fp: str) -> Path | None:
+    return None if run_dir is None else run_dir / "steps" / f"{name}-{fp[:16]}"
+
+
+def committed_end(step_dir: Path) -> int:
+    """Where a stopped step resumes: its output shards tile [0, n), n input rows of a row step or n batches of a
+    generator (the runner's rule: anything after a gap is a torn commit)."""
+    from thresher.pipelines.runner import list_shards
+
+    end = 0
+    for shard in list_shards(step_dir / "output"):
+        _, a, b = shard.stem.split("-")
+        if int(a) != end:
+            break
+        end = int(b)
+    return end
 
 
 def estimate(
@@ -359,19 +372,30 @@ def estimate(
         parent_rows = [samples[p] for p in node.parents]
         est.rows_in = sum(rows[p] for p in node.parents)
         sample_in = [r for group in parent_rows for r in group][:sample]
-        done = _done_dir(rdir, node.name, fps[node.name])
+        step_dir = _step_dir(rdir, node.name, fps[node.name])
+        done = step_dir if step_dir is not None and (step_dir / "_done.json").is_file() else None
         if done is not None:
             doc = json.loads((done / "_done.json").read_text(encoding="utf-8"))
             est.status, est.rows_out = "cached", int(doc.get("rows_out") or 0)
             samples[node.name] = read_folder(done / "output").slice(0, sample).to_pylist()
         elif isinstance(step, ModelStep):
+            # a run stopped part way (a crash, a budget): what it committed is paid for and is not sent again
+            left = est.rows_in
+            if step_dir is not None and step_dir.is_dir():
+                step.workdir_ = step_dir  # as the runner sets it: a generator reads its committed state there
+                if step.kind == "row":
+                    left = max(0, est.rows_in - committed_end(step_dir))
             try:
-                planned, out_rows, rows_out = step.estimate_plan(sample_in, est.rows_in, tokenizer=counter, fill=fill)
+                planned, out_rows, rows_out = step.estimate_plan(sample_in, left, tokenizer=counter, fill=fill)
+                if step.kind != "generator":
+                    rows_out = est.rows_in
             except Exception as e:  # a step we cannot rehearse is reported, never guessed
                 est.status = f"not estimated: {type(e).__name__}: {str(e)[:120]}"
                 planned, out_rows, rows_out = [], sample_in, est.rows_in
             else:
                 est.status = "estimated" if planned else "no paid requests"
+                if left < est.rows_in:
+                    est.status += f" (resumes after {est.rows_in - left} committed rows)"
             est.rows_out = rows_out
             samples[node.name] = out_rows[:sample]
             _add_requests(est, step, planned, counter, fill)

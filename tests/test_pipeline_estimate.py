@@ -20,6 +20,7 @@ from thresher.data import Load
 from thresher.errors import BudgetExceeded, ConfigError
 from thresher.generators import EvolInstruct, Respond, SelfInstruct
 from thresher.llms.testing import FaultServer, Rule
+from thresher.pipelines import Pipeline
 from thresher.pipelines.estimate import DryRunBackend, PlannedRequest, token_counter
 from thresher.pipelines.runner import open_run
 from thresher.scorers import DeitaScorer, LLMJudge, Tagger
@@ -119,6 +120,56 @@ def test_self_instruct_estimate_scales_to_num_instructions(fault: FaultServer, t
     shown = plan[0].messages[0]["content"]
     assert sum(t.rstrip(".") in shown for t in TOPICS) == 8  # the task request rendered on the seeds
     assert fault.stats()["total"] == 0
+
+
+def si_script() -> list[Rule]:
+    """A task model with a steady acceptance: each reply (one of 1,000, picked by a hash of the request) holds three
+    new tasks unlike any other, two near-copies of seed tasks (the similarity filter), one for a picture (the
+    blacklist) and one too short; two instances a task."""
+    replies = []
+    for r in range(1000):
+        good = [f"Explain term{r}x{k}a term{r}x{k}b term{r}x{k}c term{r}x{k}d to curious beginners" for k in range(3)]
+        near = [f"{TOPICS[(r + k) % len(TOPICS)].rstrip('.')} today." for k in range(2)]
+        items = [*good, *near, f"Draw a picture of term{r}z.", "Sing loudly."]
+        replies.append("\n".join(f"{9 + k}. {t}" for k, t in enumerate(items)))
+    return [
+        Rule(match=r"Classification task\?\s*$", reply="No", name="clf"),
+        Rule(match=r"first an input that fits the task", name="instances",
+             reply="Example 1\nInput: alpha\nOutput: one\nExample 2\nInput: beta\nOutput: two"),
+        Rule(match=r"numbered \d+ to 15", reply=replies, pick="hash", template=False, name="tasks"),
+    ]
+
+
+def test_self_instruct_estimate_after_a_budget_stop_measures_its_acceptance(fault: FaultServer, tmp_path: Path) -> None:
+    fault.configure(script=si_script())
+
+    def pipe(**kw: Any) -> Pipeline:
+        b = spec(fault, max_concurrency=1, **kw)
+        return Pipeline.from_step(SelfInstruct(backend=b, seed_tasks=TOPICS, num_instructions=40, requests_per_batch=1,
+                                               max_instances=2, instance_max_tokens=60, max_tokens=400))  # fmt: skip
+
+    run_dir = tmp_path / "run"
+    fresh = pipe().estimate(run_dir, tokenizer="words").step("self_instruct")
+    with pytest.raises(BudgetExceeded):
+        pipe(max_cost_usd=fresh.cost_usd / 3).run(run_dir, progress=False)
+    step_dir = run_dir / open_run(run_dir).steps["self_instruct"].dir
+    before = json.loads((step_dir / "_metrics.json").read_text())
+    first = fault.stats()["total"]
+    rest = pipe().estimate(run_dir, tokenizer="words").step("self_instruct")
+    fault.reset()
+    res = pipe(max_cost_usd=1.0).run(run_dir, progress=False)
+    assert fault.stats()["script"]["unmatched"] == 0
+    after = res.metrics("self_instruct")
+    whole = first + after["requests"] - before["requests"]
+    print(f"\nfresh estimate (assumed acceptance) vs the whole run: requests {fresh.requests:.0f} / {whole} = "
+          f"{fresh.requests / whole:.3f}, rows {fresh.rows_out} / {res.steps['self_instruct'].rows_out}")
+    assert 0.75 <= fresh.requests / whole <= 1.25
+    for key in ("requests", "prompt_tokens", "completion_tokens"):
+        actual = after[key] - before[key]
+        ratio = getattr(rest, key) / actual
+        print(f"after the stop, {key:18s} estimate {getattr(rest, key):>8,.0f}  actual {actual:>8,}  ratio {ratio:.3f}")
+        assert 0.75 <= ratio <= 1.25, (key, getattr(rest, key), actual)
+    assert res.steps["self_instruct"].rows_out == pytest.approx(rest.rows_out, rel=0.25)
 
 
 def test_scorers_say_their_requests_without_sending(fault: FaultServer) -> None:
