@@ -272,6 +272,8 @@ class Estimate:
     tokenizer: str
     fill: float
     sample: int
+    #: budgets (max_cost_usd) the estimated run would reach, naming the step where it would stop
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> StepEstimate:
@@ -293,13 +295,14 @@ class Estimate:
         from dataclasses import asdict
 
         return {"steps": [asdict(s) for s in self.steps], "total": asdict(self.total), "tokenizer": self.tokenizer,
-                "fill": self.fill, "sample": self.sample}  # fmt: skip
+                "fill": self.fill, "sample": self.sample, "warnings": list(self.warnings)}  # fmt: skip
 
     def table(self) -> str:
         head = ("step", "rows in", "rows out", "requests", "prompt tok", "compl. tok", "cost USD", "status")
         lines = [head]
         for s in [*self.steps, self.total]:
-            cost = f"{s.cost_usd:.4f}" if s.name == "total" or s.prices.get("priced") else "-"
+            priced = any(x.prices.get("priced") for x in self.steps) if s.name == "total" else s.prices.get("priced")
+            cost = f"{s.cost_usd:.4f}" if priced else "-"
             rows = ("", "") if s.name == "total" else (str(s.rows_in), str(s.rows_out))
             lines.append((s.name, *rows, f"{s.requests:,.0f}", f"{s.prompt_tokens:,.0f}",
                           f"{s.completion_tokens:,.0f}", cost, s.status))  # fmt: skip
@@ -309,20 +312,23 @@ class Estimate:
         out.insert(1, "  ".join("-" * w for w in widths))
         out.append(f"(tokens: {self.tokenizer}; completions at {self.fill:.0%} of max_tokens; prompts rendered on "
                    f"{self.sample} sample rows; filters assumed to keep every row)")  # fmt: skip
+        out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _prices(step: Any, param: str) -> tuple[Mapping[str, float] | None, float | None]:
+def _prices(step: Any, param: str) -> tuple[Mapping[str, float] | None, float | None, Any]:
+    """The prices, the max_cost_usd and the budget key of the backend a step's model parameter builds."""
     from thresher.llms.config import make_backend
 
     try:
         real = make_backend(step._spec(param))
     except Exception:
-        return None, None
-    return getattr(real, "prices", None), getattr(real, "max_cost_usd", None)
+        return None, None, None
+    key = real.budget_key() if callable(getattr(real, "budget_key", None)) else None
+    return getattr(real, "prices", None), getattr(real, "max_cost_usd", None), key
 
 
 def _step_dir(run_dir: Path | None, name: str, fp: str) -> Path | None:
@@ -366,6 +372,8 @@ def estimate(
     samples: dict[str, list[dict[str, Any]]] = {}
     rows: dict[str, int] = {}
     steps: list[StepEstimate] = []
+    budgets: dict[Any, list[float]] = {}
+    warnings: list[str] = []
     for node in pipeline.nodes.values():
         step: Step = node.step
         est = StepEstimate(node.name, type(step).__name__, "no model")
@@ -398,7 +406,7 @@ def estimate(
                     est.status += f" (resumes after {est.rows_in - left} committed rows)"
             est.rows_out = rows_out
             samples[node.name] = out_rows[:sample]
-            _add_requests(est, step, planned, counter, fill)
+            _add_requests(est, step, planned, counter, fill, budgets, warnings)
         elif step.n_inputs == 0:  # a source without a model (Load): read for real
             table = step.apply().output
             est.rows_out = table.num_rows
@@ -415,15 +423,16 @@ def estimate(
                 samples[node.name] = sample_in
         rows[node.name] = est.rows_out
         steps.append(est)
-    return Estimate(steps, counter.name, fill, sample)
+    return Estimate(steps, counter.name, fill, sample, warnings)
 
 
-def _add_requests(est: StepEstimate, step: Any, planned: list[PlannedRequest], counter: TokenCounter, fill: float) -> None:
-    prices: dict[str, tuple[Mapping[str, float] | None, float | None]] = {}
+def _add_requests(est: StepEstimate, step: Any, planned: list[PlannedRequest], counter: TokenCounter, fill: float,
+                  budgets: dict[Any, list[float]], warnings: list[str]) -> None:  # fmt: skip
+    prices: dict[str, tuple[Mapping[str, float] | None, float | None, Any]] = {}
     for q in planned:
         if q.param not in prices:
             prices[q.param] = _prices(step, q.param)
-        price, cap = prices[q.param]
+        price, cap, key = prices[q.param]
         prompt = counter.messages(q.messages) * q.count
         per_sample = q.completion_tokens
         if per_sample is None:
@@ -433,8 +442,16 @@ def _add_requests(est: StepEstimate, step: Any, planned: list[PlannedRequest], c
         est.prompt_tokens += prompt
         est.completion_tokens += completion
         if price:
-            est.cost_usd += (prompt * float(price.get("prompt", 0.0)) + completion * float(price.get("completion", 0.0))) / 1e6
+            cost = (prompt * float(price.get("prompt", 0.0)) + completion * float(price.get("completion", 0.0))) / 1e6
+            est.cost_usd += cost
             est.prices["priced"] = True
             est.prices[q.param] = dict(price)
+            if cap is not None and key is not None:  # max_cost_usd counts a server+model over the whole run
+                spent = budgets.setdefault(key, [0.0, 0.0])
+                spent[0] += cost
+                if spent[0] > float(cap) and not spent[1]:
+                    spent[1] = 1.0
+                    warnings.append(f"max_cost_usd={cap} of {key[1]!r} at {key[0]} is reached in step {est.name!r}: "
+                                    "the run would stop there (re-run with a larger budget to go on)")  # fmt: skip
         if cap is not None:
             est.prices[f"{q.param}.max_cost_usd"] = cap

@@ -214,6 +214,9 @@ def test_max_cost_usd_stops_the_run_and_a_larger_budget_resumes(fault: FaultServ
     # the whole run costs ~$0.011 (24 answers and 24 verdicts): a budget of a third stops it inside Respond
     full_cost = budget_pipeline(fault, data, tmp_path / "a.sqlite").estimate(tokenizer="words").total.cost_usd
     small = full_cost / 3
+    warned = budget_pipeline(fault, data, tmp_path / "a.sqlite", max_cost_usd=small).estimate(tokenizer="words")
+    assert len(warned.warnings) == 1 and "reached in step 'respond'" in warned.warnings[0]
+    assert "warning: max_cost_usd" in warned.table()
     with pytest.raises(BudgetExceeded, match="max_cost_usd"):
         budget_pipeline(fault, data, tmp_path / "a.sqlite", max_cost_usd=small).run(tmp_path / "b", progress=False)
     stopped = fault.stats()["total"]
