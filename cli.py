@@ -76,9 +76,10 @@ def main() -> None:
 @click.option("--estimate-sample", default=8, show_default=True, help="Rows the --estimate prompts are rendered on.")
 @click.option("--estimate-fill", default=0.5, show_default=True,
               help="--estimate: expected completion length as a fraction of max_tokens.")
+@click.option("--no-report", is_flag=True, help="Do not write report.html (the HTML run report) in the run directory.")
 def run(
     recipe: Path, out: Path | None, fresh: bool, quiet: bool, export: Path | None, layout: str, no_cache: bool,
-    estimate: bool = False, estimate_sample: int = 8, estimate_fill: float = 0.5,
+    estimate: bool = False, estimate_sample: int = 8, estimate_fill: float = 0.5, no_report: bool = False,
 ) -> None:
     """Run the pipeline in RECIPE (YAML), resuming whatever an earlier run finished."""
     import os
@@ -99,6 +100,9 @@ def run(
     except BudgetExceeded as e:
         click.echo(_steps_table(run_dir), err=True)
         raise click.ClickException(f"stopped: {e}") from None
+    finally:  # a stopped or failed run gets its report too: it shows what each step did and which one failed
+        if not no_report:
+            _write_run_report(run_dir, quiet)
     click.echo(_steps_table(result.run_dir))
     for leaf in pipeline.leaves():
         click.echo(f"output of {leaf}: {result.output_dir(leaf)}")
@@ -223,6 +227,35 @@ def cache_clear(path: Path | None, model: str | None, yes: bool) -> None:
     n = store.clear(model=model)
     store.close()
     click.echo(f"deleted {n} answers")
+
+
+def _write_run_report(run_dir: Path, quiet: bool) -> None:
+    """report.html at the end of `thresher run`; a report that cannot be written is logged, never a failed run."""
+    import logging
+
+    if not (run_dir / "manifest.json").is_file():  # the run stopped before its first step
+        return
+    try:
+        from thresher.report import write_report
+
+        path = write_report(run_dir)
+    except Exception as e:
+        logging.getLogger("thresher.report").warning("could not write the run report of %s", run_dir, exc_info=True)
+        click.echo(f"warning: the run report was not written: {type(e).__name__}: {e}", err=True)
+        return
+    if not quiet:
+        click.echo(f"report: {path}", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the HTML file (default: RUN_DIR/report.html).")
+def report(run_dir: Path, out: Path | None) -> None:
+    """Write the HTML report of the run in RUN_DIR: one self-contained file (figures inside, no network needed)."""
+    from thresher.report import write_report
+
+    click.echo(f"wrote {write_report(run_dir, out)}")
 
 
 def _steps_table(run_dir: Path) -> str:
