@@ -459,30 +459,17 @@ class OpenAICompatible(PromptLogprobs):
     ) -> list[Completion]:
         self.load()
         assert self._client is not None
-        check_gen_params(params, "OpenAICompatible")
         n: int = params.get("n", 1)
-        schema = Schema.of(params["response_format"]) if params.get("response_format") is not None else None
-        sampling: dict[str, Any] = {}
-        for k in ("max_tokens", "temperature", "top_p", "stop", "seed"):
-            if params.get(k) is not None:
-                sampling[k] = params[k]
-        if params.get("logprobs"):
-            sampling["logprobs"] = True
-            if params.get("top_logprobs") is not None:
-                sampling["top_logprobs"] = params["top_logprobs"]
-        extra = dict(params.get("extra") or {})
+        sampling, extra, schema, key_params = self._request_params(params)
         path = "/chat/completions" if chats is not None else "/completions"
         kind = "chat" if chats is not None else "completion"
-        key_params = {**sampling, **extra, "schema": schema.key() if schema else None}
-        ident = self.identity()
         count = len(chats) if chats is not None else len(prompts or [])
 
         rows: list[_Row] = []
         all_keys: list[str] = []
         for i in range(count):
             what = chats[i] if chats is not None else (prompts or [])[i]
-            base = request_key(kind, ident, what, key_params)
-            keys = [hashlib.blake2b(f"{base}:{s}".encode(), digest_size=16).hexdigest() for s in range(n)]
+            keys = self._sample_keys(kind, what, key_params, n)
             all_keys += keys
             result = Completion(
                 texts=[None] * n,
@@ -602,6 +589,36 @@ class OpenAICompatible(PromptLogprobs):
                 self.usage.errors += 1
             out.append(res)
         return out
+
+    @staticmethod
+    def _request_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Schema | None, dict[str, Any]]:
+        """(sampling sent, extra sent, schema, what of them keys the cache) for a call's parameters."""
+        check_gen_params(params, "OpenAICompatible")
+        schema = Schema.of(params["response_format"]) if params.get("response_format") is not None else None
+        sampling: dict[str, Any] = {}
+        for k in ("max_tokens", "temperature", "top_p", "stop", "seed"):
+            if params.get(k) is not None:
+                sampling[k] = params[k]
+        if params.get("logprobs"):
+            sampling["logprobs"] = True
+            if params.get("top_logprobs") is not None:
+                sampling["top_logprobs"] = params["top_logprobs"]
+        extra = dict(params.get("extra") or {})
+        return sampling, extra, schema, {**sampling, **extra, "schema": schema.key() if schema else None}
+
+    def _sample_keys(self, kind: str, what: Any, key_params: Mapping[str, Any], n: int) -> list[str]:
+        base = request_key(kind, self.identity(), what, key_params)
+        return [hashlib.blake2b(f"{base}:{s}".encode(), digest_size=16).hexdigest() for s in range(n)]
+
+    def cached_texts(self, conversations: Sequence[Conversation], **params: Any) -> list[list[str | None]]:
+        """What the request cache holds for these chat requests, per sample (None: not cached). Sends nothing: a
+        cost estimate measures answer lengths from it."""
+        self.load()
+        n: int = params.get("n", 1)
+        key_params = self._request_params(params)[3]
+        keys = [self._sample_keys("chat", [dict(m) for m in conv], key_params, n) for conv in conversations]
+        found = self._cache.get_many([k for ks in keys for k in ks]) if self._cache is not None else {}
+        return [[loads(found[k]).get("text") if k in found else None for k in ks] for ks in keys]
 
     def _error_text(self, r: int, e: Exception, kind: str) -> str:
         return f"{kind} request for prompt {r} to {self.resolved_base_url} (model {self.model!r}): {e}"

@@ -14,9 +14,11 @@ batches, SelfInstruct's missing tasks at the acceptance its committed batches me
 Tokens. Prompt tokens are counted on the rendered messages with `tokenizer`: "auto" (tiktoken's o200k_base when
 installed and loadable offline, else the chars/4 rule), "chars4" (one token per 4 characters, OpenAI's rule of
 thumb, plus 3 tokens of chat framing per message and 3 per request), "words" (whitespace-separated words, what the
-scripted test server counts) or a callable. Completion tokens are `fill` × max_tokens per sample (default 0.5:
-models rarely write to their budget; set it from your own runs). The dry-run answers are that long too, so a step
-downstream (a judge that reads the answer) renders prompts of the expected size.
+scripted test server counts) or a callable. Completion tokens are measured where the request cache already holds
+answers to the sample's requests (an earlier or interrupted run, a smaller trial): the mean length of those answers,
+per step and max_tokens; elsewhere `fill` × max_tokens per sample (default 0.5: models rarely write to their budget).
+The dry-run answers are the cached ones or filler that long, so a step downstream (a judge that reads the answer)
+renders prompts of the expected size.
 
 Assumptions, kept simple and printed with the table: filters keep every row (an upper bound downstream of them);
 answers already in the request cache are counted as paid; a step whose dry run fails is marked and left out of the
@@ -58,6 +60,8 @@ class PlannedRequest:
     param: str = "backend"
     #: expected completion tokens per sample, when the step knows better than fill × max_tokens
     completion_tokens: float | None = None
+    #: completion_tokens was measured on an answer in the request cache, not assumed
+    measured: bool = False
 
 
 # ---- counting tokens ------------------------------------------------------------------------------
@@ -164,18 +168,24 @@ class DryRunBackend:
         n = int(params.get("n") or 1)
         budget = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS
         schema = Schema.of(params["response_format"]) if params.get("response_format") is not None else None
+        cached = self._cached(conversations, params)
         out = []
-        for conv in conversations:
-            text = filler_text(max(1, round(self.fill * budget)), self.counter, salt=json.dumps(conv, default=str))
+        for conv, hit in zip(conversations, cached, strict=True):
+            if hit:  # answered before: its real length, and its real text for the steps downstream
+                text, tokens = hit[0], sum(self.counter.count(t) for t in hit) / len(hit)
+            else:
+                text = filler_text(max(1, round(self.fill * budget)), self.counter, salt=json.dumps(conv, default=str))
+                if schema is not None:
+                    text = json.dumps(_instance(schema.json_schema, text), ensure_ascii=False)
+                tokens = float(self.counter.count(text))
             parsed = None
             if schema is not None:
-                text = json.dumps(_instance(schema.json_schema, text), ensure_ascii=False)
                 try:
                     parsed = [schema.validate(text)] * n
                 except ValueError:
                     parsed = [None] * n
             planned = PlannedRequest([dict(m) for m in conv], max_tokens, n, param=self.param,
-                                     completion_tokens=float(self.counter.count(text)))  # fmt: skip
+                                     completion_tokens=tokens, measured=bool(hit))  # fmt: skip
             with self._lock:
                 self.requests.append(planned)
             out.append(Completion(texts=[text] * n, finish_reasons=["stop"] * n, parsed=parsed))
@@ -183,6 +193,22 @@ class DryRunBackend:
 
     def complete(self, prompts: Sequence[str], **params: Any) -> list[Completion]:
         return self.chat([[{"role": "user", "content": p}] for p in prompts], **params)
+
+    def _cached(self, conversations: Sequence[Any], params: Mapping[str, Any]) -> list[list[str] | None]:
+        """Per conversation, its answers in the real backend's request cache when every sample is there."""
+        lookup = getattr(self.real, "cached_texts", None)
+        if not callable(lookup):
+            return [None] * len(conversations)
+        try:
+            got = lookup(conversations, **{k: v for k, v in params.items() if k != "progress"})
+        except Exception:  # no cache, or one that cannot be read: the estimate falls back to the fill ratio
+            return [None] * len(conversations)
+        return [[t for t in texts if t is not None] if all(t is not None for t in texts) else None for texts in got]
+
+    def close(self) -> None:
+        close = getattr(self.real, "close", None)
+        if callable(close):
+            close()
 
 
 class _HashEmbedder:
@@ -227,7 +253,8 @@ def dry_run(step: Any, sample_rows: Sequence[Mapping[str, Any]], *, tokenizer: A
     recorders: list[DryRunBackend] = []
     for param, need in step.model_params.items():
         if need == "chat":
-            rec = DryRunBackend(make_backend(step._spec(param)), param=param, counter=counter, fill=fill)
+            real = make_backend(step._spec(param), **step.backend_overrides())  # the step's own cache setting
+            rec = DryRunBackend(real, param=param, counter=counter, fill=fill)
             overrides[param] = rec
             recorders.append(rec)
         elif need == "embed":
@@ -243,7 +270,19 @@ def dry_run(step: Any, sample_rows: Sequence[Mapping[str, Any]], *, tokenizer: A
     rows = res.output.to_pylist() + res.rejected.to_pylist() + res.failed.to_pylist()
     drop = ("rejected_by", "reason", "failed_by", "error")
     rows = [{k: v for k, v in r.items() if k not in drop} for r in rows]
-    return DryRun([q for rec in recorders for q in rec.requests], rows)
+    for rec in recorders:
+        rec.close()
+    requests = [q for rec in recorders for q in rec.requests]
+    # answers in the request cache measure how long this step's answers are: the others are counted that long too
+    measured: dict[tuple[str, int | None], list[float]] = {}
+    for q in requests:
+        if q.measured and q.completion_tokens is not None:
+            measured.setdefault((q.param, q.max_tokens), []).append(q.completion_tokens)
+    for q in requests:
+        seen = measured.get((q.param, q.max_tokens))
+        if seen and not q.measured:
+            q.completion_tokens, q.measured = sum(seen) / len(seen), True
+    return DryRun(requests, rows)
 
 
 # ---- the estimate ---------------------------------------------------------------------------------

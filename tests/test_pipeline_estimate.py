@@ -106,6 +106,30 @@ def test_estimate_is_within_25_percent_of_what_the_run_spent(fault: FaultServer,
     assert {s.status for s in again.steps} == {"cached"} and again.total.cost_usd == 0
 
 
+def test_answer_lengths_are_measured_from_a_pilot_run_in_the_request_cache(fault: FaultServer, tmp_path: Path) -> None:
+    fault.configure(script=script())
+    data = write_rows(tmp_path / "rows.jsonl", 24)
+
+    def pipe(limit: int | None) -> Any:
+        return (Load(path=str(data), limit=limit) >> Respond(backend=spec(fault), max_tokens=80, batch_size=8)
+                >> LLMJudge(backend=spec(fault), max_tokens=40, batch_size=8))  # fmt: skip
+
+    guessed = pipe(None).estimate(tokenizer="words", fill=0.1)  # a poor guess of how long answers are
+    pipe(8).run(tmp_path / "pilot", progress=False)  # a pilot on the first 8 rows puts real answers in the cache
+    measured = pipe(None).estimate(tokenizer="words", fill=0.1)
+    fault.reset()
+    res = pipe(None).run(tmp_path / "full", progress=False)
+    for name in ("respond", "llm_judge"):
+        m = res.metrics(name)
+        actual = m["completion_tokens"] / m["requests"]  # per answer paid for (the pilot's 8 come from the cache)
+        per = {e.status: e.completion_tokens / e.requests for e in (guessed.step(name), measured.step(name))}
+        print(f"\n{name}: completion tokens per answer, fill guess {guessed.step(name).completion_tokens / 24:.1f}, "
+              f"measured {measured.step(name).completion_tokens / 24:.1f}, actual {actual:.1f}")
+        assert 0.75 <= measured.step(name).completion_tokens / 24 / actual <= 1.25, per
+        assert guessed.step(name).completion_tokens / 24 / actual < 0.5
+    assert measured.step("respond").requests == 24  # answers in the cache are still counted as paid (an upper bound)
+
+
 def test_self_instruct_estimate_scales_to_num_instructions(fault: FaultServer, tmp_path: Path) -> None:
     si = SelfInstruct(backend=spec(fault), seed_tasks=TOPICS, num_instructions=35, requests_per_batch=5,
                       max_instances=2, instance_max_tokens=60)  # fmt: skip
