@@ -370,6 +370,17 @@ def _prices(step: Any, param: str) -> tuple[Mapping[str, float] | None, float | 
     return getattr(real, "prices", None), getattr(real, "max_cost_usd", None), key
 
 
+def _local_only(step: Any) -> bool:
+    """Whether every model a step calls runs in-process (nothing is paid for)."""
+    from thresher.llms.config import make_backend
+
+    try:
+        return all(getattr(make_backend(step._spec(p)), "kind", None) != "openai"
+                   for p, need in step.model_params.items() if need == "chat")  # fmt: skip
+    except Exception:
+        return False
+
+
 def _step_dir(run_dir: Path | None, name: str, fp: str) -> Path | None:
     return None if run_dir is None else run_dir / "steps" / f"{name}-{fp[:16]}"
 
@@ -437,7 +448,9 @@ def estimate(
                 if step.kind != "generator":
                     rows_out = est.rows_in
             except Exception as e:  # a step we cannot rehearse is reported, never guessed
-                est.status = f"not estimated: {type(e).__name__}: {str(e)[:120]}"
+                est.status = f"not estimated: {type(e).__name__}: {str(e)[:60]}"
+                if _local_only(step):  # e.g. DEITA's scores from a local model's token distribution
+                    est.status = "no paid requests (local model)"
                 planned, out_rows, rows_out = [], sample_in, est.rows_in
             else:
                 est.status = "estimated" if planned else "no paid requests"

@@ -261,6 +261,7 @@ def test_max_cost_usd_stops_the_run_and_a_larger_budget_resumes(fault: FaultServ
     cols = ["id", "instruction", "output", "judge_accuracy"]
     assert res.table("llm_judge").select(cols).to_pylist() == plain.table("llm_judge").select(cols).to_pylist()
     assert res.steps["llm_judge"].rows_out == 24
+    assert res.steps["respond"].rows_failed == 0 and res.steps["llm_judge"].rows_failed == 0  # nothing lost
 
 
 def test_max_cost_usd_needs_prices(fault: FaultServer) -> None:
@@ -290,3 +291,24 @@ def test_cli_run_estimate_prints_the_table_and_sends_nothing(fault: FaultServer,
     line = next(row for row in out.output.splitlines() if row.startswith("respond"))
     assert line.split()[1:4] == ["12", "12", "12"]  # rows in, rows out, requests
     assert "total" in out.output and fault.stats()["total"] == 0
+
+
+def test_cli_run_stops_at_the_budget_with_a_clear_message(fault: FaultServer, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from thresher.cli import main
+
+    fault.configure(script=script())
+    data = write_rows(tmp_path / "rows.jsonl", 12)
+    recipe = tmp_path / "r.yaml"
+    backend = "{kind: openai, base_url: " + json.dumps(fault.base_url) + ", model: m, max_concurrency: 1, "
+    recipe.write_text(
+        "name: est\nsteps:\n  load:\n    step: Load\n    params: {path: " + json.dumps(str(data)) + "}\n"
+        "  respond:\n    step: Respond\n    params:\n      backend: " + backend
+        + "prices: {prompt: 2.0, completion: 8.0}, max_cost_usd: 0.0003}\n      max_tokens: 80\n      batch_size: 4\n",
+        encoding="utf-8",
+    )
+    out = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run"), "-q"])
+    assert out.exit_code == 1 and "stopped:" in out.output and "max_cost_usd=0.0003 reached" in out.output
+    assert 0 < fault.stats()["total"] < 12
+
