@@ -12,6 +12,8 @@ for the embedded default) and the same runtime knobs (`api_key`, `max_concurrenc
   tokens and cost only, each backend object counted once, however often the step or the backend object is reused;
 - `batches_in_flight()`: a remote server gets two batches at once, so its request window stays full across batches;
 - `rng()` / `sample_seed()`: the seeded-randomness convention of `thresher.pipelines.rng`, keyed by the step's `seed`.
+- `estimate_requests(rows)`: the requests the step would send for those rows, sent nowhere (by default a run against
+  recording dry-run backends; see `thresher.pipelines.estimate`), and `estimate_plan`, the same scaled to a whole input.
 
 Per-row failures leave through `failed` in every kind: a RowStep returns an `error` column, a Filter an `error` entry
 among keep()'s columns, a generator a `failed` table in its batch.
