@@ -11,6 +11,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -388,10 +389,12 @@ def collect_lineage(steps: list[StepInfo], chains: int = 4) -> list[Lineage]:
 def collect_rows(steps: list[StepInfo], scores: list[str], per_side: int = 25) -> list[dict[str, Any]]:
     """A sample of kept, rejected and failed rows of every step, for the searchable row browser."""
     texts = ["id", "instruction", "input", "output"]
-    out = []
+    lists: list[list[dict[str, Any]]] = []
     for s in steps:
         for side, status in (("output", "kept"), ("rejected", "rejected"), ("failed", "failed")):
             cols = [*texts, *scores, "reason", "error"]
+            out: list[dict[str, Any]] = []
+            lists.append(out)
             for r in sample_rows(s.dir / side, cols, per_side):
                 sc = {c: round(float(r[c]), 4) for c in scores if isinstance(r.get(c), (int, float))
                       and not isinstance(r.get(c), bool) and math.isfinite(float(r[c]))}  # fmt: skip
@@ -403,7 +406,8 @@ def collect_rows(steps: list[StepInfo], scores: list[str], per_side: int = 25) -
                     "output": clip(r.get("output")), "scores": sc,
                     "reason": clip(r.get("reason") or r.get("error") or "", 300),
                 })  # fmt: skip
-    return out
+    # interleaved, a row of each step and side in turn: the first page of the browser shows every step
+    return [x for group in zip_longest(*lists) for x in group if x is not None]
 
 
 def usage_rows(steps: list[StepInfo]) -> list[dict[str, Any]]:

@@ -300,7 +300,10 @@ ol.chain{list-style:none;padding:0;margin:8px 0 14px;border-left:3px solid #c9d6
 .tag{display:inline-block;background:#eef2fb;color:#2d4f9a;border-radius:9px;padding:0 8px;font-size:11px}
 .controls{display:flex;gap:10px;align-items:center;flex-wrap:wrap}#rb-search{flex:1;min-width:260px;padding:7px 10px;border:1px solid #cfd6de;border-radius:6px;font-size:14px}
 select{padding:6px;border:1px solid #cfd6de;border-radius:6px}#rb-count{color:var(--mute);font-size:13px}
-table.rows td{font-size:12.5px;max-width:360px;white-space:pre-wrap;word-break:break-word}table.rows td.sc{white-space:nowrap;font-variant-numeric:tabular-nums}table.rows td>div{max-height:7.6em;overflow:auto}
+table.rows td{font-size:12.5px;max-width:360px;white-space:pre-wrap;word-break:break-word}table.rows td.sc{white-space:nowrap;font-variant-numeric:tabular-nums}table.rows td>div{display:-webkit-box;-webkit-line-clamp:4;-webkit-box-orient:vertical;overflow:hidden}
+table.rows tr.open td>div{display:block;-webkit-line-clamp:unset}table.rows tbody tr{cursor:pointer}table.rows tbody tr:hover{background:#f8fafc}
+table.rows td:nth-child(-n+2){white-space:nowrap}table.rows td:nth-child(3){font-family:ui-monospace,monospace;font-size:11.5px;min-width:140px;max-width:170px;word-break:break-all}
+table.rows td:nth-child(4){width:24%}table.rows td:nth-child(5){width:28%}table.rows td:nth-child(7){width:18%;color:#7a4a16}
 tr.kept td:nth-child(2){color:#207a50}tr.rejected td:nth-child(2){color:#b8651f}tr.failed td:nth-child(2){color:#b33}
 .warn{background:#fff4e5;border-left:4px solid #e8833a;padding:6px 10px}
 """
@@ -318,7 +321,8 @@ _JS = """
     rows.forEach(function(r){
       if(step&&r.step!==step) return; if(status&&r.status!==status) return;
       for(var i=0;i<words.length;i++){ if(r._text.indexOf(words[i])<0) return; }
-      shown++; if(shown>LIMIT) return; var tr=document.createElement('tr'); tr.className=r.status;
+      shown++; if(shown>LIMIT) return; var tr=document.createElement('tr'); tr.className=r.status; tr.title='click to show the whole row';
+      tr.addEventListener('click',function(){tr.classList.toggle('open');});
       cell(tr,r.step);cell(tr,r.status);cell(tr,r.id);cell(tr,r.instruction);cell(tr,r.output);
       cell(tr,Object.keys(r.scores).map(function(k){return k+' '+r.scores[k];}).join('\\n'),'sc');cell(tr,r.reason);
       frag.appendChild(tr);

@@ -96,16 +96,21 @@ def histogram(h: ScoreHistogram) -> str:
     fig = _figure(4.6, 2.9)
     ax = fig.add_subplot()
     v = h.values
-    distinct = np.unique(v)
-    bins: Any = (np.append(distinct, distinct[-1] + 1) - 0.5) if len(distinct) <= 12 and np.all(distinct == np.round(distinct)) else min(40, max(8, int(np.sqrt(len(v)))))
-    ax.hist(v, bins=bins, color=BLUE, alpha=0.85, edgecolor="white", linewidth=0.5)
+    distinct, counts = np.unique(v, return_counts=True)
+    if len(distinct) <= 15:  # a judge's 0-5 (half points) scale: one bar per value said
+        gap = float(np.diff(distinct).min()) if len(distinct) > 1 else 1.0
+        ax.bar(distinct, counts, width=0.8 * gap, color=BLUE, alpha=0.85)
+        ax.set_xticks(distinct, [f"{x:g}" for x in distinct])
+    else:
+        ax.hist(v, bins=min(40, max(8, int(np.sqrt(len(v))))), color=BLUE, alpha=0.85, edgecolor="white", linewidth=0.5)
     colours = [RED, PURPLE, ORANGE, GREEN]
     for i, (x, label) in enumerate(h.thresholds):
         ax.axvline(x, color=colours[i % len(colours)], lw=1.6, ls="--", label=label)
     ax.set_title(f"{h.column}  (n={len(v)}, mean {v.mean():.3g})")
     ax.set_xlabel(f"{h.column} (from step {h.step})")
     ax.set_ylabel("rows")
-    if h.thresholds:
+    if h.thresholds:  # headroom above the bars for the legend
+        ax.set_ylim(top=ax.get_ylim()[1] * (1.2 + 0.1 * len(h.thresholds)))
         ax.legend(fontsize=7.5, loc="upper left")
     return to_svg(fig)
 
