@@ -277,3 +277,18 @@ def test_report_in_headless_chromium(report_run: tuple[RunResult, Path], tmp_pat
         print(f"screenshot: {shot} ({height} px tall page)")
     finally:
         driver.quit()
+
+
+def test_a_failed_run_gets_a_report_naming_the_failed_step(tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    good = json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."})
+    data.write_text(f"{good}\n{{\"instruction\": 3, \"output\": [\n{good}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: broken\nsteps:\n  load:\n    step: Load\n    params: {{path: {data}}}\n"
+                      "  stats:\n    step: TextStats\n")  # fmt: skip
+    res = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run"), "-q"])
+    assert res.exit_code != 0
+    page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    overview = section(page, "overview")
+    assert "<b>load</b> failed:" in overview and "rows.jsonl" in overview
+    assert re.search(r'<span class="st pending">pending</span>', section(page, "dag"))
