@@ -24,7 +24,7 @@ from thresher.filters.exact_dedup import ExactDedup
 from thresher.filters.near_dedup import NearDedup
 from thresher.filters.select import RandomSelect, Threshold, TopK
 from thresher.generators import EvolInstruct
-from thresher.llms.testing import FaultServer, Rule
+from thresher.llms.testing import FaultConfig, FaultServer, Rule
 from thresher.pipelines import Pipeline
 from thresher.pipelines.runner import RunResult, open_run
 from thresher.report import build_report, write_report
@@ -75,6 +75,9 @@ def report_run(fault_server: FaultServer, tmp_path_factory: pytest.TempPathFacto
         mp.setenv("THRESHER_CACHE", str(tmp / "requests.sqlite"))
         mp.delenv("THRESHER_NO_CACHE", raising=False)
         result = build_run(fault_server, tmp / "run")
+    defaults = FaultConfig()  # the session's server goes back to its defaults for the tests after these
+    fault_server.configure(**{k: getattr(defaults, k) for k in defaults.__dataclass_fields__})
+    fault_server.reset()
     t0 = time.perf_counter()
     path = write_report(result.run_dir)
     print(f"report of {len(result.steps)} steps written in {time.perf_counter() - t0:.1f}s ({path.stat().st_size:,} bytes)")
