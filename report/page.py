@@ -258,7 +258,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> str:
 
     page.guarded("training", "Training", training)
 
-    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title, _ in page.sections)
+    nav = "".join(f'<a href="#{sid}">{_e(_NAV.get(sid, title))}</a>' for sid, title, _ in page.sections)
     body = "".join(f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>' for sid, title, content in page.sections)
     versions = man.get("versions") or {}
     meta = (f"started {_when(man.get('started_at'))} · updated {_when(man.get('updated_at'))} · "
@@ -278,6 +278,10 @@ def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     atomic_write_text(path, text, fsync=False)
     return path
 
+
+#: the navigation bar's short names of the sections (one line on a laptop screen)
+_NAV = {"dag": "Pipeline", "reasons": "Rejections", "scores": "Scores", "selection": "Selection vs random",
+        "embeddings": "Embeddings", "lineage": "Lineage", "rows": "Rows", "usage": "Usage and cost"}  # fmt: skip
 
 _CSS = """
 :root{--ink:#1f2933;--mute:#66727f;--line:#e3e7ec;--bg:#f6f7f9;--accent:#3b6fd4}
