@@ -309,5 +309,33 @@ def rethreshold(run_dir: Path, step: str, threshold: float, grouping: str | None
         click.echo(f"wrote {n} rows to {export}")
 
 
+@main.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/demo-<size>-<language>). Run the same command again to resume.")
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True,
+              help="tiny: a few tasks (CI); small: about 15 minutes on 2 CPU cores; medium: larger.")
+@click.option("--language", type=click.Choice(["en", "zh"]), default="en", show_default=True,
+              help="zh: Chinese seed tasks and prompts.")
+@click.option("--no-train", is_flag=True, help="Stop after exporting the curated set (no LoRA SFT run).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or step messages.")
+def demo(out: Path | None, size: str, language: str, no_train: bool, quiet: bool) -> None:
+    """Grow, judge, dedup, select, polish, export and train on instruction data with the bundled models: offline,
+    no key (the built-in recipe, thresher/pipelines/recipes/demo.yaml). Ctrl-C and run again to resume."""
+    from thresher.pipelines.demo import default_run_dir, run_demo
+
+    run_dir = out or default_run_dir(size, language)
+    try:
+        res = run_demo(run_dir, size=size, language=language, train=not no_train, progress=not quiet)
+    finally:  # an interrupted demo gets its report too (what each step did so far)
+        _write_run_report(run_dir, quiet)
+    click.echo(_steps_table(run_dir))
+    click.echo(f"curated set: {res.curated} ({res.curated_rows} rows of {res.final_step}, alpaca layout)")
+    if res.train is not None:
+        t = res.train
+        loss = f"{t['train_loss']:.4f}" if isinstance(t.get("train_loss"), (int, float)) else "-"
+        speed = f"{t['tokens_per_s']:.0f}" if isinstance(t.get("tokens_per_s"), (int, float)) else "-"
+        click.echo(f"LoRA SFT ({t['device']}): {t['steps']} steps, last loss {loss}, {speed} tokens/s; adapter {t['adapter']}")
+
+
 if __name__ == "__main__":
     main()
