@@ -330,6 +330,8 @@ def demo(out: Path | None, size: str, language: str, no_train: bool, quiet: bool
         _write_run_report(run_dir, quiet)
     click.echo(_steps_table(run_dir))
     click.echo(f"curated set: {res.curated} ({res.curated_rows} rows of {res.final_step}, alpaca layout)")
+    for path in res.exports:
+        click.echo(f"  for {path.name}: {path}")
     if res.train is not None:
         t = res.train
         loss = f"{t['train_loss']:.4f}" if isinstance(t.get("train_loss"), (int, float)) else "-"

@@ -29,28 +29,27 @@ LANGUAGES = ("en", "zh")
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {  # CI: a few tasks, one round, a handful of training steps
         "steps": {
-            "self_instruct": {"num_instructions": 4, "max_requests": 4, "requests_per_batch": 1, "max_instances": 1,
+            "self_instruct": {"num_instructions": 4, "max_requests": 4, "requests_per_batch": 1,
                               "max_tokens": 160, "instance_max_tokens": 64},
             "evolve": {"rounds": 1, "max_tokens": 96, "answer_max_tokens": 64},
             "respond": {"max_tokens": 64},
             "judge": {"max_tokens": 16},
-            "tags": {"max_tokens": 48},
             "select": {"budget": 3},
             "random_baseline": {"budget": 3},
             "realign": {"max_tokens": 96},
         },
         "train_steps": 2,
-        "train": {"max_seq_len": 256, "micro_batch_tokens": 512, "save_every": 1},
+        "train": {"save_every": 1},
     },
-    "small": {"steps": {}, "train_steps": 10, "train": {}},  # the recipe as written: <= 15 minutes on 2 CPU cores
+    "small": {"steps": {}, "train_steps": 6, "train": {}},  # the recipe as written: <= 15 minutes on 2 CPU cores
     "medium": {
         "steps": {
-            "self_instruct": {"num_instructions": 100, "max_requests": 160},
-            "select": {"budget": 40},
-            "random_baseline": {"budget": 40},
+            "self_instruct": {"num_instructions": 60, "max_requests": 100, "max_instances": 2},
+            "select": {"budget": 32},
+            "random_baseline": {"budget": 32},
         },
-        "train_steps": 40,
-        "train": {},
+        "train_steps": 30,
+        "train": {"micro_batch_tokens": 1024, "save_every": 10},
     },
 }
 
@@ -102,12 +101,12 @@ def train_config(size: str, dataset: Path, output_dir: Path, *, cuda: bool) -> d
     """The demo's trainer config: demo_train.yaml with this run's dataset, output and size.
 
     On a CPU the run is a handful of optimizer steps (it shows the loop and the loss curve); with CUDA it is a real
-    run: three epochs over the curated set in bf16.
+    run, three epochs over the curated set in bf16, except at size tiny, which stays a CI-sized check everywhere.
     """
     config: dict[str, Any] = yaml.safe_load(DEMO_TRAIN.read_text(encoding="utf-8"))
     config.update(SIZES[size]["train"])
     config.update(dataset=str(dataset), output_dir=str(output_dir), on_bad_row="skip", progress_bar=True)
-    if cuda:
+    if cuda and size != "tiny":
         config.update(max_steps=None, epochs=3.0, save_every=20)
     else:
         config["max_steps"] = SIZES[size]["train_steps"]
@@ -116,12 +115,13 @@ def train_config(size: str, dataset: Path, output_dir: Path, *, cuda: bool) -> d
 
 @dataclass
 class DemoResult:
-    """What `run_demo` made: the run directory, the curated rows' file and the trainer's summary (None: no training)."""
+    """What `run_demo` made: the run directory, the curated rows, their exports and the training summary (None: none)."""
 
     run_dir: Path
     curated: Path
     curated_rows: int
     final_step: str
+    exports: list[Path]  # the curated set for TRL and for LLaMA-Factory
     train: dict[str, Any] | None
 
 
@@ -143,8 +143,15 @@ def run_demo(
     final = list(pipeline.nodes)[-1]
     curated = run_dir / "curated.json"
     n = write_records(result.table(final), curated, layout="alpaca")
+    exports = []
+    if n:
+        from thresher.trainer.export import export_dataset
+
+        for target in ("trl", "llama-factory"):  # the curated set as the other trainers read it
+            export_dataset(curated, run_dir / "export" / target, target=target, name="demo")
+            exports.append(run_dir / "export" / target)
     summary = _train(size, curated, run_dir / "train") if train and n else None
-    return DemoResult(run_dir, curated, n, final, summary)
+    return DemoResult(run_dir, curated, n, final, exports, summary)
 
 
 def _train(size: str, curated: Path, output_dir: Path) -> dict[str, Any]:

@@ -63,6 +63,8 @@ def test_demo_tiny_runs_every_step_and_balances_its_rows(tmp_path: Path) -> None
     curated = json.loads((out / "curated.json").read_text())
     assert len(curated) == run.steps["realign"].rows_out > 0
     assert all(r["instruction"] and r["output"] for r in curated)
+    assert (out / "export" / "trl" / "demo.jsonl").is_file()
+    assert (out / "export" / "llama-factory" / "dataset_info.json").is_file()
     assert (out / "report.html").stat().st_size > 10_000
     assert (out / "train" / "adapter").is_dir() and (out / "train" / "metrics.jsonl").is_file()
     assert json.loads((out / "train" / "_done.json").read_text())["steps"] == 2
