@@ -76,6 +76,11 @@ def _demo_recipe_data(size: str, language: str) -> dict[str, Any]:
         params.update(SIZES[size]["steps"].get(name, {}))
         if "language" in params:
             params["language"] = language
+        if language == "zh" and spec["step"] == "SelfInstruct":
+            # SmolLM2's tokenizer spends two to three tokens per Chinese character: at the English budgets every
+            # continued list is cut off (and dropped) before its first tasks end
+            for key in ("max_tokens", "instance_max_tokens"):
+                params[key] = params[key] * 3
         if language == "zh" and spec["step"] in ("NearDedup", "DiversitySelect") and _has_multilingual_embedder():
             params["language"] = "zh"  # the multilingual USE (extra `zh`); MiniLM otherwise, which reads English only
     return data
