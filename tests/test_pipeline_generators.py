@@ -205,7 +205,7 @@ def test_standalone_generator_returns_every_batch_and_side_output() -> None:
     assert res.output.column("id").to_pylist() == ["a", "c", "d"]
     assert res.rejected.column("reason").to_pylist() == ["dup"]
     assert res.failed.column("error").to_pylist() == ["timeout"]
-    assert res.failed.column("failed_by").to_pylist() == ["__scripted"]
+    assert res.failed.column("failed_by").to_pylist() == ["_scripted"]
 
 
 def test_one_shot_generators_still_work_and_commit_once(tmp_path: Path) -> None:
