@@ -214,3 +214,25 @@ def test_one_shot_generators_still_work_and_commit_once(tmp_path: Path) -> None:
     first = pipe.run(tmp_path / "run", progress=False)
     assert first.steps["numbers"].rows_out == 30 and first.steps["numbers"].candidates == 30
     assert calls(tmp_path, "numbers") == 1
+
+
+class _KeepsNothing(Generator):
+    """One batch whose every candidate is rejected."""
+
+    outputs = ("id", "instruction")
+
+    def generate_batches(self, tables: list[pa.Table], checkpoint: Checkpoint):  # type: ignore[no-untyped-def]
+        empty = pa.table({"id": pa.array([], pa.string()), "instruction": pa.array([], pa.string())})
+        yield GeneratedBatch(output=empty, rejected=[{"id": "b", "reason": "too short"}], candidates=1)
+
+
+def test_a_generator_that_keeps_nothing_leaves_an_empty_output_with_its_columns(tmp_path: Path) -> None:
+    """Every candidate rejected: the output is empty but keeps the batches' columns, so the next step still runs."""
+    from thresher.data.steps import Concat
+
+    pipe = Pipeline("nothing")
+    pipe.add(_KeepsNothing(), name="gen")
+    pipe.add(Concat(), name="pool", after=["gen"])
+    result = pipe.run(tmp_path / "run", progress=False)
+    assert result.table("gen").num_rows == 0 and result.table("gen").column_names == ["id", "instruction"]
+    assert result.table("pool").column_names == ["id", "instruction"]
