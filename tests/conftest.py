@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+# the server and cache fixtures of llm_servers.py, registered once: session fixtures (the llama.cpp server, the
+# fault server, the converted transformers model) are then shared by every module instead of made per module
+pytest_plugins = ["llm_servers"]
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 

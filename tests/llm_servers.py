@@ -8,8 +8,9 @@
 - `isolated_cache` (autouse where imported): every test gets its own request-cache file.
 - `kill_9_when` / `kill_9_and_rerun`: the SIGKILL-and-resume protocol of the generator tests.
 
-Test modules take them all with `from llm_servers import *` (a star import keeps linters from reading each
-fixture argument as a redefinition of an imported name).
+`tests/conftest.py` registers this module as a plugin (`pytest_plugins`), so every test module has these fixtures
+and the session ones are made once per test session, not once per module. Helpers (`kill_9_when`,
+`kill_9_and_rerun`, `free_port`) are imported by name.
 """
 
 from __future__ import annotations

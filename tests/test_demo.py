@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from llm_servers import *  # noqa: F403  (fixtures: isolated_cache)
 
 from thresher.cli import main
 from thresher.pipelines.demo import demo_pipeline

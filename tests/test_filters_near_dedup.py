@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from llm_servers import *  # noqa: F403  (fixtures: isolated_cache)
 
 from thresher.errors import StepError
 from thresher.filters import DiversitySelect, KMeansSample, NearDedup, rethreshold

@@ -14,7 +14,6 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from llm_servers import *  # noqa: F403
 from llm_servers import kill_9_and_rerun
 
 from thresher.errors import ConfigError, StepError

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, llama_server, smol_hf_dir, isolated_cache)
 
 from thresher.llms import OpenAIEmbeddings, SentenceTransformerEmbeddings, make_embedder, minilm_dir
 from thresher.llms.testing import FaultServer

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, llama_server, smol_hf_dir, isolated_cache)
 
 from thresher.llms import Transformers, hf_dir_for_gguf, smollm2_gguf
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, llama_server, smol_hf_dir, isolated_cache)
 
 from thresher.llms import Transformers
 from thresher.trainer.chat import end_of_turn_ids, render_rows, resolve_chat_template, row_to_messages

@@ -4,7 +4,6 @@ server driven by OpenAICompatible (chat, JSON mode, n>1, concurrency). Answers a
 from __future__ import annotations
 
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, llama_server, smol_hf_dir, isolated_cache)
 from pydantic import BaseModel
 
 from thresher.llms import LlamaCpp, OpenAICompatible, make_backend, smollm2_gguf

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, llama_server, smol_hf_dir, isolated_cache)
 from pydantic import BaseModel
 
 from thresher.errors import BackendError, ConfigError

@@ -10,7 +10,6 @@ import random
 import re
 
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, llama_server, smol_hf_dir, isolated_cache)
 from pydantic import BaseModel
 
 from thresher.llms import OpenAICompatible

@@ -14,7 +14,6 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from llm_servers import *  # noqa: F403
 from pipeline_steps import EvenOnly, Numbers, Square
 
 from thresher.errors import PipelineError

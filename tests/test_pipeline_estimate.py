@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_servers import *  # noqa: F403
 
 from thresher.data import Load
 from thresher.errors import BudgetExceeded, ConfigError

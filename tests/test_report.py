@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from llm_servers import *  # noqa: F403  (fixtures: fault_server)
 
 from thresher.cli import main
 from thresher.data.steps import Concat, Load

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: llama_server, isolated_cache)
 
 from thresher.rewriters import TaskClassifier, load_taxonomy
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, isolated_cache)
 
 from thresher.errors import ConfigError, PipelineError
 from thresher.llms.testing import FaultServer, Rule

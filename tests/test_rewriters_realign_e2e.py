@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: llama_server, isolated_cache)
 
 from thresher.data.steps import Load
 from thresher.pipelines import Pipeline

@@ -11,7 +11,6 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: isolated_cache)
 
 from thresher.errors import ConfigError, RecordError, StepError
 from thresher.rewriters.retrieval import (

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, smol_hf_dir, isolated_cache)
 
 from thresher.scorers import IFDScorer
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, isolated_cache)
 
 from thresher.errors import ConfigError
 from thresher.llms.testing import FaultServer, Rule

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: smol_hf_dir, isolated_cache)
 
 from thresher.errors import ConfigError
 from thresher.scorers import Perplexity, RewardScorer

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from llm_servers import *  # noqa: F403  (fixtures: fault_server, fault, isolated_cache)
 
 from thresher.errors import ConfigError
 from thresher.llms.testing import FaultServer, Rule
