@@ -16,6 +16,7 @@ from thresher.errors import ThresherError
 _LAZY_COMMANDS = {
     "train": ("thresher.trainer.cli", "train", "Fine-tune a model with LoRA SFT from a YAML config."),
     "export": ("thresher.trainer.cli", "export", "Export a dataset for TRL, LLaMA-Factory or axolotl."),
+    "eval": ("thresher.evaluation.cli", "eval_command", "Compare two models pairwise with a judge (AlpaGasus/Cherry)."),
 }
 
 

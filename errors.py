@@ -9,7 +9,8 @@
     ├── StepError              a step failed while running: names the step (and row id when known)
     │   └── AccountingError    rows in != out + rejected + failed
     └── BackendError           an LLM / embedding backend could not answer (after retries)
-        └── BudgetExceeded     a backend's max_cost_usd was reached: the run stopped, re-run with more to resume
+        ├── BudgetExceeded     a backend's max_cost_usd was reached: the run stopped, re-run with more to resume
+        └── BatchPending       a batch job is not finished (a `vllm-file` batch awaits its output file): re-run later
 
 Every message says what was expected and what was found.
 """
@@ -94,3 +95,8 @@ class BackendError(ThresherError):
 class BudgetExceeded(BackendError):
     """A backend spec's `max_cost_usd` was reached: no new request is sent. What was answered is in the request
     cache and every committed batch stays committed, so a re-run with a larger budget resumes."""
+
+
+class BatchPending(BackendError):
+    """Requests were handed to a batch job whose results are not there yet (e.g. a `vllm-file` batch whose output file
+    has not been put back): the run stops here, and a re-run collects the results and goes on."""

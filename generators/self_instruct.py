@@ -188,6 +188,7 @@ class SelfInstruct(ModelStep, Generator):
     n_inputs = 0
     outputs = tuple(name for name, _ in _COLUMNS)
     VERSION = "1"
+    batch_api = False  # each request shows tasks the pool accepted from the answers before it
 
     def __init__(
         self,

@@ -86,6 +86,8 @@ class Usage:
     reasks: int = 0  # structured-output replies that failed validation and were asked again
     errors: int = 0  # prompts that ended with an error
     cost_usd: float = 0.0
+    batch_requests: int = 0  # requests answered through Batch API jobs (not counted in `requests`)
+    batches: int = 0  # Batch API jobs submitted
 
     def add(self, other: Usage) -> None:
         for f in fields(self):

@@ -23,6 +23,7 @@ from thresher.errors import ConfigError
 _CHAT_KINDS = {
     "llama_cpp": ("thresher.llms.llamacpp", "LlamaCpp"),
     "openai": ("thresher.llms.openai_compat", "OpenAICompatible"),
+    "openai_batch": ("thresher.llms.batch", "OpenAIBatch"),
     "transformers": ("thresher.llms.hf", "Transformers"),
 }
 _CHAT_ALIASES = {
@@ -44,7 +45,8 @@ _EMBED_ALIASES = {"default": "sentence_transformers", "st": "sentence_transforme
 RUNTIME_KEYS = frozenset(
     {"base_url", "max_concurrency", "rpm", "tpm", "timeout", "max_retries", "retry_base_delay", "retry_max_delay",
      "cache", "progress", "transport", "headers", "device", "batch_size", "n_threads", "n_threads_batch", "convert_dir", "api_key_env", "prices",
-     "max_cost_usd"}
+     "max_cost_usd", "batch", "on_batch_error", "batch_prices", "batch_poll_interval", "batch_poll_max",
+     "batch_max_requests", "batch_max_bytes", "batch_dir"}
 )  # fmt: skip
 _SECRET_KEYS = frozenset({"api_key", "key", "token", "password", "authorization"})
 
@@ -83,6 +85,8 @@ def _build(
             "set the environment variable named by api_key_env, or pass the step's api_key parameter"
         )
     kind = _resolve_kind(spec, kinds, aliases, what)
+    if kind == "openai" and spec.get("batch") not in (None, False) and "openai_batch" in kinds:
+        kind = "openai_batch"  # `batch: true` / `batch: vllm-file` on an OpenAI-compatible spec: the Batch API mode
     cls = _class(kinds, kind)
     valid = [
         n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind == p.KEYWORD_ONLY

@@ -129,6 +129,9 @@ class Transformers(TokenScorer, LocalChatBackend):
     - dtype: "float32" (CPU default), "bfloat16", "float16" or "auto". device: "auto", "cpu", "cuda", "cuda:1"...
     - batch_size: sequences per forward pass. max_length: longest sequence in tokens (longer pairs are cut).
     - convert_dir: where GGUF conversions are kept (default ~/.cache/thresher/hf-from-gguf).
+    - adapter: a peft adapter directory (what `thresher train` writes to output_dir/adapter), merged into the base
+      model at load: a trained round answers, scores and is judged like any other model. Its content hash joins the
+      identity, so a retrained adapter is never answered from the cache of an older one.
     """
 
     kind = "transformers"
@@ -145,6 +148,7 @@ class Transformers(TokenScorer, LocalChatBackend):
         cache: bool | str | os.PathLike[str] | RequestCache = True,
         progress: bool = False,
         convert_dir: str | os.PathLike[str] | None = None,
+        adapter: str | os.PathLike[str] | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"Transformers: dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -159,6 +163,7 @@ class Transformers(TokenScorer, LocalChatBackend):
         self.cache = cache
         self.progress = progress
         self.convert_dir = convert_dir
+        self.adapter = adapter
         self.usage = Usage()
         self.model_: Any = None
         self.tokenizer_: Any = None
@@ -187,6 +192,8 @@ class Transformers(TokenScorer, LocalChatBackend):
                 "digest": model_digest(path) if path is not None else None,
                 "dtype": self.dtype,
             }
+            if self.adapter is not None:
+                self._ident["adapter"] = model_digest(self.adapter)
         return self._ident
 
     def __repr__(self) -> str:
@@ -226,6 +233,8 @@ class Transformers(TokenScorer, LocalChatBackend):
             raise BackendError(
                 f"Transformers: cannot load {src} (no downloads here; give a local directory): {e}"
             ) from e
+        if self.adapter is not None:
+            model = _merge_adapter(model, Path(self.adapter).expanduser())
         model.to(device)
         model.eval()
         if tok.pad_token_id is None:
@@ -407,6 +416,17 @@ class Transformers(TokenScorer, LocalChatBackend):
 
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _merge_adapter(model: Any, adapter: Path) -> Any:
+    """The base model with a peft adapter's weights merged in (no peft layers left at inference)."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"Transformers: adapter {adapter} has no adapter_config.json (give output_dir/adapter)")
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise ConfigError("Transformers: adapter= needs peft: pip install 'thresher[train]'") from e
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 
 def _as_list(x: Any) -> list[int]:

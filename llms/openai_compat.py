@@ -407,6 +407,8 @@ class OpenAICompatible(PromptLogprobs):
 
     def __getstate__(self) -> dict[str, Any]:  # pickled to Ray / process workers without live clients
         state = dict(self.__dict__)
+        # nor keys: a pickle lands in Ray's object store and task arguments; workers read `api_key_env` instead
+        state["api_key"] = None
         state["_client"] = None
         state["_cache"] = None
         state["tokenizer_"] = None
@@ -673,15 +675,16 @@ class OpenAICompatible(PromptLogprobs):
         schema: Schema | None,
         k: int,
         first_sample: int,
+        keys: list[str],
     ) -> dict[str, Any]:
-        """One logical request (with the JSON-mode fallback of json_mode='auto')."""
+        """One logical request (with the JSON-mode fallback of json_mode='auto'); `keys`: its samples' cache keys."""
         assert self._client is not None
         while True:
             mode = self._mode_now
             body = self._body(row, messages, sampling, extra, schema, k, first_sample)
             est = estimate_tokens(len(str(body.get("messages") or body.get("prompt"))), sampling.get("max_tokens"), k)
             try:
-                data = await self._client.send(transport, path, body, est)
+                data = await self._send(transport, path, body, est, keys)
             except _RejectedFormat as e:
                 nxt = next_mode(mode) if self.json_mode == "auto" else None
                 if nxt is None:
@@ -707,6 +710,11 @@ class OpenAICompatible(PromptLogprobs):
             self._client.limiter.settle(est, pt + ct)
             return data
 
+    async def _send(self, transport: Transport, path: str, body: dict[str, Any], est: int, keys: list[str]) -> dict[str, Any]:
+        """Where a request leaves: the server, now (the Batch API mode, `thresher.llms.batch`, queues it instead)."""
+        assert self._client is not None
+        return await self._client.send(transport, path, body, est)
+
     async def _request(
         self,
         transport: Transport,
@@ -719,7 +727,8 @@ class OpenAICompatible(PromptLogprobs):
         kind: str,
     ) -> list[int]:
         """Ask for `samples`; store what came back. Returns the sample indices that got an answer."""
-        data = await self._post(transport, path, row, row.messages, sampling, extra, schema, len(samples), samples[0])
+        keys = [row.keys[s] for s in samples]
+        data = await self._post(transport, path, row, row.messages, sampling, extra, schema, len(samples), samples[0], keys)
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
             raise _Failed(f"the answer has no choices: {str(data)[:200]}")
@@ -789,7 +798,7 @@ class OpenAICompatible(PromptLogprobs):
                 continue
             sub = _Row(conv, None, [key], Completion([None], [None]))
             try:
-                data = await self._post(transport, path, sub, conv, sampling, extra, schema, 1, s)
+                data = await self._post(transport, path, sub, conv, sampling, extra, schema, 1, s, [key])
             except _Failed as e2:
                 res.error = self._error_text(r, e2, kind) + f" (while re-asking sample {s} for valid JSON)"
                 res.texts[s] = None

@@ -5,7 +5,8 @@ stack. The server speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies
 one process answers thousands of requests per second and is never the bottleneck of a client benchmark. It runs in
 its own process (`FaultServer` starts it and talks to it over HTTP), so its work does not share the client's GIL.
 
-Endpoints: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `GET /v1/models`; control:
+Endpoints: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `GET /v1/models`, the Files and Batches
+endpoints of the Batch API (`thresher.llms.testing_batch`); control:
 `GET /stats` (requests per prompt, per outcome, peak in-flight), `POST /reset`, `POST /config`.
 
 Faults are drawn per request from a hash of (seed, prompt, attempt number), so a run is reproducible whatever the
@@ -107,6 +108,11 @@ class FaultConfig:
     unmatched: str = "error"  # what a request no rule matches gets when there is a script: "error" (501) or "echo"
     # vLLM's prompt_logprobs: token sequences with the log-probability of each token after the ones before it
     prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    # the Batch API (`thresher.llms.testing_batch`): status polls until a job finishes, how it ends, upload limits
+    batch_polls: int = 1
+    batch_outcome: str = "completed"
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
 
 
 ROLES = ("any", "user", "last_user", "system", "assistant")
@@ -278,6 +284,10 @@ def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
         out["script"] = check_script(out["script"] if out["script"] is not None else [])
     if "unmatched" in out and out["unmatched"] not in UNMATCHED:
         raise ValueError(f"unmatched {out['unmatched']!r} is not one of {list(UNMATCHED)}")
+    from thresher.llms.testing_batch import OUTCOMES
+
+    if "batch_outcome" in out and out["batch_outcome"] not in OUTCOMES:
+        raise ValueError(f"batch_outcome {out['batch_outcome']!r} is not one of {list(OUTCOMES)}")
     return out
 
 
@@ -444,6 +454,10 @@ class _State:
         self.samples: Counter[str] = Counter()  # rule name -> choices it gave
         self.unmatched = 0
         self.given: Counter[tuple[int, str]] = Counter()  # (rule index, conversation) -> replies given (pick="cycle")
+        self.routes: Counter[str] = Counter()  # "METHOD /path" (ids as :id) -> HTTP requests, control ones aside
+        from thresher.llms.testing_batch import BatchDesk
+
+        self.desk = BatchDesk(config)  # files and batch jobs: they outlive reset()
         self.set_script(config.script)
 
     def set_script(self, script: list[Any]) -> None:
@@ -490,6 +504,8 @@ class _State:
         self.outcomes.clear()
         self.authorization.clear()
         self.bodies.clear()
+        self.routes.clear()
+        self.desk.lines_answered = 0
         self.total = 0
         self.peak_in_flight = self.in_flight
         self.connections = 0
@@ -504,6 +520,9 @@ class _State:
             "connections": self.connections,
             "authorization": dict(self.authorization),
             "bodies": self.bodies[-20:],
+            "routes": dict(self.routes),
+            "http_calls": sum(self.routes.values()),
+            "batch_lines": self.desk.lines_answered,
             "config": asdict(self.config),
             "script": {
                 "hits": {r.name: self.hits[r.name] for r in self.rules},
@@ -641,6 +660,11 @@ class _Connection(asyncio.Protocol):
                     setattr(st.config, k, v)
             self.send(_response(200, json.dumps(asdict(st.config)).encode()), close)
             return
+        st.routes[f"{method} {re.sub(r'/(file|batch)[-_][^/?]+', '/:id', path.split('?')[0])}"] += 1
+        if re.match(r"(/v1)?/(files|batches)(/|\?|$)", path):
+            status, payload = st.desk.handle(method, path, raw, headers, self.batch_line)
+            self.send(_response(status, payload), close)
+            return
         if path.rstrip("/") in ("/v1/models", "/models"):
             body = {"object": "list", "data": [{"id": st.config.model, "object": "model", "owned_by": "thresher"}]}
             self.send(_response(200, json.dumps(body).encode()), close)
@@ -699,6 +723,14 @@ class _Connection(asyncio.Protocol):
             self.later(delay, _response(status, json.dumps(out).encode()), close)
 
     # ---- answers --------------------------------------------------------------------------------
+
+    def batch_line(self, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A batch job's line, answered as an online request would be (`[[fail]]`: 500, `[[400]]`: 400)."""
+        prompt = _prompt_of(body)
+        if "[[fail]]" in prompt or "[[400]]" in prompt:
+            status = 500 if "[[fail]]" in prompt else 400
+            return status, {"error": {"message": f"HTTP {status} (injected in a batch line)", "type": "injected"}}
+        return self.answer(url, body, prompt)
 
     def answer(self, path: str, body: dict[str, Any], prompt: str, deliver: bool = True) -> tuple[int, dict[str, Any]]:
         """Status and body for a request that drew no fault; `deliver=False` (an answer cut by a fault) counts nothing."""

@@ -367,7 +367,10 @@ def _prices(step: Any, param: str) -> tuple[Mapping[str, float] | None, float | 
     except Exception:
         return None, None, None
     key = real.budget_key() if callable(getattr(real, "budget_key", None)) else None
-    return getattr(real, "prices", None), getattr(real, "max_cost_usd", None), key
+    # a Batch API backend charges its batch prices (thresher.llms.batch.OpenAIBatch.request_prices)
+    request_prices = getattr(real, "request_prices", None)
+    prices = request_prices() if callable(request_prices) else getattr(real, "prices", None)
+    return prices, getattr(real, "max_cost_usd", None), key
 
 
 def _local_only(step: Any) -> bool:

@@ -353,6 +353,10 @@ def run_in_memory(step: Step, tables: list[pa.Table], *, name: str) -> StepResul
     step.load()
     step.begin()
     t0 = time.perf_counter()
+    if step.kind != "generator":  # Batch API backends: every request of the step as batch jobs first
+        from thresher.pipelines.batch_phase import run_batch_phase
+
+        run_batch_phase(step, name, lambda: run_on_tables(step, name, tables))
     res = run_on_tables(step, name, tables)
     seconds = time.perf_counter() - t0
     rejected = res.rejected if res.rejected is not None else _empty([REJECTED_BY_COLUMN, REASON_COLUMN])

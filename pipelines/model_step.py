@@ -43,6 +43,9 @@ class ModelStep:
     """
 
     model_params: ClassVar[Mapping[str, str]] = {"backend": "chat"}
+    #: whether the step's requests may go out as Batch API jobs (`batch: true` on its backend); False for a step
+    #: whose next request depends on the last answer, which a job hours long would stall
+    batch_api: ClassVar[bool] = True
 
     # ---- building -------------------------------------------------------------------------------
 
@@ -82,6 +85,13 @@ class ModelStep:
             backend = self._build(param)
             if not callable(getattr(backend, _NEEDS[kind], None)):
                 raise ConfigError(f"{name}: {param} {backend!r} has no {_NEEDS[kind]}() method, which this step needs")
+            if getattr(backend, "batch", False) and not self.batch_api:
+                raise ConfigError(
+                    f"{name}: {param} runs in Batch API mode (batch: {backend.batch!r}), which {name} cannot use: each of "
+                    "its requests depends on the answers before it, so it would wait hours per request. Use the online "
+                    "backend here (drop `batch`); row steps (Respond, LLMJudge, Tagger, ReAlign) and EvolInstruct's "
+                    "rounds can use batch mode"
+                )
             check_secrets = getattr(backend, "check_secrets", None)
             if callable(check_secrets):
                 check_secrets()
@@ -101,6 +111,9 @@ class ModelStep:
                 load = getattr(backend, "load", None)
                 if callable(load):
                     load()
+                attach = getattr(backend, "attach_workdir", None)
+                if callable(attach):  # a Batch API backend keeps its ledger of jobs in the step's run folder
+                    attach(getattr(self, "workdir_", None))
                 backends[param] = backend
             self.backends_: dict[str, Any] | None = backends
 
@@ -121,6 +134,13 @@ class ModelStep:
     def begin(self) -> None:
         super().begin()  # type: ignore[misc]
         self.usage_start_ = {id(b): b.usage.copy() for b in self._distinct() if isinstance(getattr(b, "usage", None), Usage)}
+
+    def begin_again(self) -> None:
+        """Restart the step's own counters (`begin()`) but keep counting usage from the first `begin()`: after a
+        batch phase (`thresher.pipelines.batch_phase`) ran the step to collect requests, its jobs' cost stays."""
+        start = dict(getattr(self, "usage_start_", {}))
+        self.begin()
+        self.usage_start_.update(start)
 
     def unload(self) -> None:
         super().unload()  # type: ignore[misc]

@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from thresher.errors import PipelineError, StepError, ThresherError
+from thresher.pipelines.batch_phase import drain_rows, run_batch_phase
 from thresher.pipelines.dag import Pipeline
 from thresher.pipelines.execute import (
     BatchOutput,
@@ -547,6 +548,8 @@ class Runner:
         prior = json.loads((step_dir / METRICS).read_text()) if offset and (step_dir / METRICS).exists() else {}
         self._prior_metrics[name] = prior
         bs = max(1, int(getattr(step, "batch_size", 1024) or 1024))
+        # Batch API backends: the requests of every row left go out as batch jobs first (thresher.pipelines.batch_phase)
+        run_batch_phase(step, name, lambda: drain_rows(step, name, iter_batches(src, bs, skip=offset)), self._say)
         bar = _progress(total, name, offset, self.progress)
         start = offset
         schema = _unified_schema(list_shards(step_dir / "output"))
@@ -640,6 +643,7 @@ class Runner:
         rec.rows_in = sum(t.num_rows for t in tables)
         # a step that needs every row at once reports when it has them all
         bar = _progress(rec.rows_in or 0, name, 0, self.progress)
+        run_batch_phase(step, name, lambda: run_on_tables(step, name, tables), self._say)
         out = run_on_tables(step, name, tables)
         bar.update(rec.rows_in or out.output.num_rows)
         bar.close()

@@ -10,6 +10,9 @@ rate it 4"). A score written on another scale ("8/10", "满分10分")
 is converted to the asked one. A range ("4-5"), a number outside the scale, or no number at all is no score: the
 caller fails the row and quotes the reply, it never becomes a 0.
 
+`parse_score_pair` reads the two scores of a pairwise judge that rates both answers (AlpaGasus/Cherry's evaluation:
+"7 4" on the first line, or "[[7, 4]]", or "Answer A: 7 ... Answer B: 4").
+
 Offsets are kept (full-width digits are folded one character for one), so the expected score can be read from the
 token that wrote the score.
 """
@@ -214,3 +217,43 @@ def parse_verdict(text: str | None) -> str | None:
         if len(said) > 1:
             return None
     return None
+
+
+_PAIR_NUM = r"(\d+(?:\.\d+)?)"
+_PAIR_BRACKETS = re.compile(rf"\[\[\s*{_PAIR_NUM}\s*[,，;；/ ]\s*{_PAIR_NUM}\s*\]\]")
+_PAIR_OF_SCALE = re.compile(r"(?i)\s*(?:/|out\s+of)\s*(\d+)|\s*分")
+_PAIR_LINE = re.compile(rf"^[^\w\n]*(?:(?:scores?|ratings?|评分|得分|分数)\s*[:：]?\s*)?{_PAIR_NUM}[^\w\n]{{1,6}}(?:and\s+|和\s*)?{_PAIR_NUM}[^\w\n]*$", re.I)
+_PAIR_LABEL = r"(?:answer|response|assistant|output|回答|答案|回复|助手)\s*{which}\s*(?:[:：=]|(?:gets|scores?|得分|得)\s*[:：]?)\s*{num}"
+
+
+def parse_score_pair(text: str | None, low: float = 1, high: float = 10) -> tuple[float, float] | None:
+    """The (first answer's, second answer's) scores a pairwise judge gives on [low, high], or None when the reply
+    gives no such pair. Read in order: "[[7, 4]]" anywhere; a first line holding just the two numbers ("7 4",
+    "7/10, 4/10", "Scores: 7 and 4"); labels naming each answer ("Answer A: 7", "回答 B：4分"), A/1 first."""
+    if not text or not text.strip():
+        return None
+    t = fold(text)
+
+    def ok(a: str, b: str) -> tuple[float, float] | None:
+        x, y = float(a), float(b)
+        return (x, y) if low <= x <= high and low <= y <= high else None
+
+    m = _PAIR_BRACKETS.search(t)
+    if m:
+        return ok(m.group(1), m.group(2))
+    start, end = _first_line(t)
+    scale = [s for s in _PAIR_OF_SCALE.findall(t[start:end]) if s]
+    if all(float(s) == high for s in scale):  # "7/10 4/10": the scale, not a third and fourth number
+        line = _PAIR_OF_SCALE.sub("", t[start:end])
+        line = re.sub(r"[*_`]", "", line)
+        m = _PAIR_LINE.match(line.strip())
+        if m:
+            return ok(m.group(1), m.group(2))
+    got = []
+    for which in ("(?:A|1)", "(?:B|2)"):
+        rx = re.compile(_PAIR_LABEL.format(which=which, num=_PAIR_NUM) + r"(?![\d.])", re.I)
+        lm = rx.search(t)
+        if lm is None:
+            return None
+        got.append(lm.group(1))
+    return ok(got[0], got[1])
