@@ -16,6 +16,7 @@ from thresher.errors import ThresherError
 _LAZY_COMMANDS = {
     "train": ("thresher.trainer.cli", "train", "Fine-tune a model with LoRA SFT from a YAML config."),
     "export": ("thresher.trainer.cli", "export", "Export a dataset for TRL, LLaMA-Factory or axolotl."),
+    "batches": ("thresher.llms.batch_cli", "batches", "List a run's Batch API jobs (status, counts, cost); --cancel."),
     "eval": ("thresher.evaluation.cli", "eval_command", "Compare two models pairwise with a judge (AlpaGasus/Cherry)."),
 }
 
@@ -78,9 +79,14 @@ def main() -> None:
 @click.option("--estimate-fill", default=0.5, show_default=True,
               help="--estimate: expected completion length as a fraction of max_tokens.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html (the HTML run report) in the run directory.")
+@click.option("--runner", type=click.Choice(["local", "ray"]), default=None,
+              help="Where row steps run: this process, or a Ray cluster (default: the recipe's `runner:`, else local).")
+@click.option("--address", default=None,
+              help="--runner ray: the cluster to join (default: $RAY_ADDRESS, else a local cluster sized to this machine).")
 def run(
     recipe: Path, out: Path | None, fresh: bool, quiet: bool, export: Path | None, layout: str, no_cache: bool,
     estimate: bool = False, estimate_sample: int = 8, estimate_fill: float = 0.5, no_report: bool = False,
+    runner: str | None = None, address: str | None = None,
 ) -> None:
     """Run the pipeline in RECIPE (YAML), resuming whatever an earlier run finished."""
     import os
@@ -97,7 +103,9 @@ def run(
         click.echo(pipeline.estimate(None if fresh else run_dir, sample=estimate_sample, fill=estimate_fill).table())
         return
     try:
-        result = pipeline.run(run_dir, fresh=fresh, progress=not quiet)
+        if address is not None and (runner or pipeline.runner) != "ray":
+            raise click.UsageError("--address names a Ray cluster: use it with --runner ray (or `runner: ray`)")
+        result = pipeline.run(run_dir, fresh=fresh, progress=not quiet, runner=runner, address=address)
     except BudgetExceeded as e:
         click.echo(_steps_table(run_dir), err=True)
         raise click.ClickException(f"stopped: {e}") from None

@@ -612,9 +612,14 @@ class OpenAIBatch(OpenAICompatible):
                         self.on_batch_error)  # fmt: skip
 
 
+#: what a collecting pass counts that the real pass counts again: put back after it (what it sent online stays)
+_RECOUNTED = ("cache_hits", "cache_misses", "errors", "reasks")
+
+
 def restore_usage(usage: Usage, before: Usage) -> None:
-    """Put `usage` back to `before` in place (a collecting pass sends nothing, so it must count nothing)."""
-    for name in Usage.__dataclass_fields__:
+    """Put the counts a collecting pass repeats back to `before`, in place. Requests it sent online (failed lines
+    with on_batch_error=online) and their tokens and cost are real and stay."""
+    for name in _RECOUNTED:
         setattr(usage, name, getattr(before, name))
 
 
@@ -624,3 +629,36 @@ _base = [p for n, p in inspect.signature(OpenAICompatible.__init__).parameters.i
 OpenAIBatch.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *_base, *_own]
 )
+
+
+# ---- looking at a run's jobs (`thresher batches RUN_DIR`) -----------------------------------------
+
+
+def run_jobs(run_dir: str | os.PathLike[str], *, refresh: bool = True, cancel: bool = False) -> list[dict[str, Any]]:
+    """Every batch job of a run, one dict each (step, job, mode, status, requests, completed, failed, cost_usd).
+
+    refresh: ask the server for the status of jobs not collected yet (the key comes from the environment variable
+    the ledger names). cancel: ask it to cancel them; a re-run then collects what they answered, and the rest of
+    their requests fail or go online as on_batch_error says."""
+    rows = []
+    for step, ledger in ledgers(run_dir):
+        for rec in list(ledger.records.values()):
+            if rec.abandoned:
+                continue
+            status, counts, note = rec.status, dict(rec.counts), ""
+            if rec.batch_id and not rec.collected and rec.mode == "openai" and (refresh or cancel):
+                api = BatchApi(rec.base_url, os.environ.get(rec.api_key_env), None, RetryPolicy(2, 0.2, 2.0), 30.0)
+                try:
+                    path = f"/batches/{rec.batch_id}" + ("/cancel" if cancel else "")
+                    job = api.json("POST" if cancel else "GET", path)
+                    status, counts = str(job.get("status")), dict(job.get("request_counts") or counts)
+                    ledger.write({"event": "status", "file_id": rec.file_id, "status": status, "counts": counts})
+                except BackendError as e:
+                    note = f"server not asked: {e}"
+            elif rec.batch_id and not rec.collected and rec.mode == "vllm-file":
+                status = "output ready" if rec.output and Path(rec.output).is_file() else "waiting for its output file"
+            rows.append({"step": step, "job": rec.batch_id or f"(upload {rec.file_id}, job not recorded)",
+                         "mode": rec.mode, "status": status, "requests": rec.lines, "completed": counts.get("completed"),
+                         "failed": counts.get("failed"), "collected": rec.collected,
+                         "cost_usd": round(rec.cost_usd, 6) if rec.collected else None, "note": note})  # fmt: skip
+    return rows

@@ -21,6 +21,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 OUTCOMES = ("completed", "expired")
@@ -199,3 +200,32 @@ def _ok(obj: Any) -> tuple[int, bytes]:
 
 def _error(status: int, message: str) -> tuple[int, bytes]:
     return status, json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+
+
+def answer_file(src: str | Path, dst: str | Path, base_url: str) -> int:
+    """Do what `vllm run-batch -i src -o dst` does, against an OpenAI-compatible server at `base_url` (…/v1): send each
+    line's body to its url and write vLLM's output lines. Tests hand a `batch: vllm-file` job to the scripted
+    server this way, as a user hands it to a GPU box. Returns the lines answered."""
+    import urllib.error
+    import urllib.request
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    out: list[dict[str, Any]] = []
+    for raw in Path(src).read_bytes().splitlines():
+        if not raw.strip():
+            continue
+        line = json.loads(raw)
+        req = urllib.request.Request(root + line["url"], data=json.dumps(line["body"]).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, body = r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            status, body = e.code, json.loads(e.read() or b"{}")
+        rid = f"vllm-batch-{len(out)}"
+        out.append({"id": rid, "custom_id": line["custom_id"], "error": None,
+                    "response": {"status_code": status, "request_id": rid, "body": body}})  # fmt: skip
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
+    tmp.replace(dst)
+    return len(out)
