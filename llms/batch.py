@@ -119,6 +119,7 @@ class Ledger:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.records: dict[str, BatchRecord] = {}  # by file_id
+        self.failed_: dict[str, str] = {}  # key -> why, over every collected job (asked once per request)
         if path is not None and path.is_file():
             for raw in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -147,6 +148,7 @@ class Ledger:
             rec.failed = dict(e.get("failed") or {})
             rec.prompt_tokens, rec.completion_tokens = int(e.get("prompt_tokens", 0)), int(e.get("completion_tokens", 0))
             rec.cost_usd = float(e.get("cost_usd", 0.0))
+            self.failed_.update(rec.failed)
         elif kind == "abandoned":
             rec.abandoned = True
 
@@ -170,11 +172,8 @@ class Ledger:
         return [r for r in self.records.values() if r.batch_id is None and not r.abandoned]
 
     def failed(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for r in self.records.values():
-            if r.collected:
-                out.update(r.failed)
-        return out
+        """Why each request that failed inside a collected job failed, by cache key."""
+        return self.failed_
 
 
 def ledgers(run_dir: str | os.PathLike[str]) -> list[tuple[str, Ledger]]:
