@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from thresher.errors import BackendError, BatchPending, ConfigError
 from thresher.llms import make_backend
 from thresher.llms.batch import Ledger, OpenAIBatch, split_lines
-from thresher.llms.testing import FaultServer
+from thresher.llms.testing import FaultServer, Rule
 from thresher.llms.testing_batch import answer_file
 
 PRICES = {"prompt": 3.0, "completion": 12.0}  # USD per 1M tokens online; batch: half
@@ -324,3 +324,92 @@ def test_config_and_the_steps_that_refuse_batch_mode(fault: FaultServer) -> None
         SelfInstruct(backend=spec(fault), num_instructions=4).check()
     Respond(backend=spec(fault)).check()
     EvolInstruct(backend=spec(fault), rounds=1).check()
+
+
+def _online_and_batch(fault: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Any) -> tuple[Any, Any, dict[str, int]]:
+    """`run(spec, folder)` with the online backend, then in batch mode, each with a fresh request cache; the batch
+    run's HTTP calls by route."""
+    out = []
+    for mode in ("online", "batch"):
+        monkeypatch.setenv("THRESHER_CACHE", str(tmp_path / f"{mode}.sqlite"))
+        backend = spec(fault) if mode == "batch" else {k: v for k, v in spec(fault).items() if not k.startswith("batch")}
+        fault.reset()
+        out.append(run(backend, tmp_path / mode))
+    return out[0], out[1], routes(fault)
+
+
+def test_evol_instruct_rounds_in_batch_mode_give_what_online_gives(
+    fault: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_generators_evol_instruct import en_script, rows
+
+    from thresher.generators import EvolInstruct
+
+    fault.configure(script=en_script())
+    data = rows(*(f"Name {i} rivers." for i in range(12)), "Say it [sorry].", "Keep it [equal].")
+    online, batch, got = _online_and_batch(
+        fault, tmp_path, monkeypatch, lambda b, _: EvolInstruct(backend=b, rounds=2, seed=3).apply(data))
+    for side in ("output", "rejected", "failed"):
+        assert getattr(batch, side).to_pylist() == getattr(online, side).to_pylist(), side
+    assert online.rows_rejected > 0  # the comparison covers elimination, not only accepted rows
+    # per round: evolve, then equality check and answer; every request went out in a job
+    assert "POST /v1/chat/completions" not in got and got["POST /v1/batches"] >= 4
+    assert batch.metrics["batch_requests"] == online.metrics["requests"]
+
+
+def test_respond_then_judge_in_batch_mode_give_what_online_gives(
+    fault: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thresher.scorers import LLMJudge
+
+    fault.configure(script=[Rule(match=r"(?s)\[The user's request\]\n[^\n]*[02468]\b", reply="Score: 4.5\nFine."),
+                            Rule(match=r"\[The user's request\]", reply="2\nWrong.")], unmatched="echo")  # fmt: skip
+    rows = write_rows(tmp_path / "rows.jsonl", 30)
+
+    def run(backend: dict[str, Any], folder: Path) -> Any:
+        pipe = respond_pipeline(rows, backend)
+        pipe.add(LLMJudge(backend=backend, dimensions=["accuracy", "helpfulness"], batch_size=8), name="judge",
+                 after=["respond"])  # fmt: skip
+        return pipe.run(folder, progress=False)
+
+    online, batch, got = _online_and_batch(fault, tmp_path, monkeypatch, run)
+    for side in ("table", "rejected", "failed"):
+        assert getattr(batch, side)("judge").to_pylist() == getattr(online, side)("judge").to_pylist(), side
+    assert sorted(batch.table("judge").column("judge_accuracy").to_pylist()) == [2.0] * 15 + [4.5] * 15
+    # one job per step: 30 answers, then 60 judgements (two dimensions) once every answer was there
+    assert (got["POST /v1/batches"], fault.stats()["batch_lines"]) == (2, 90)
+    assert batch.metrics("judge")["cost_usd"] == pytest.approx(online.metrics("judge")["cost_usd"] / 2)
+
+
+def test_tagger_a_whole_table_step_with_reasks_in_batch_mode(
+    fault: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thresher.data.steps import Load
+    from thresher.pipelines.dag import Pipeline
+    from thresher.scorers import Tagger
+
+    def tags(*names: str) -> dict[str, Any]:
+        return {"tags": [{"tag": n, "explanation": "because"} for n in names]}
+
+    fault.configure(script=[Rule(match=r"\[Request\]\nR1\b", json=tags("Math", "Poem Writing")),
+                            Rule(match=r"\[Request\]\nR2\b", json=tags("mathematics", "History")),
+                            Rule(match=r"\[Request\]\nR3\b", reply="I think it is about math.")])  # fmt: skip
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"R{i} a request", "output": "x"}) + "\n"
+                            for i in (1, 2, 3)))  # fmt: skip
+
+    def run(backend: dict[str, Any], folder: Path) -> Any:
+        pipe = Pipeline("tags")
+        pipe.add(Load(path=rows), name="load")
+        embedder = {"kind": "openai", "base_url": fault.base_url, "model": "emb"}  # unused: no merging
+        pipe.add(Tagger(backend=backend, embedder=embedder, merge_similarity=None, min_count=1), name="tag",
+                 after=["load"])  # fmt: skip
+        return pipe.run(folder, progress=False)
+
+    online, batch, got = _online_and_batch(fault, tmp_path, monkeypatch, run)
+    for side in ("table", "failed"):
+        assert getattr(batch, side)("tag").to_pylist() == getattr(online, side)("tag").to_pylist(), side
+    assert batch.failed("tag").column("id").to_pylist() == ["r3"]  # never JSON, even when re-asked
+    # the first answers, then a re-ask of R3, then the second re-ask: each needs the answer before it
+    assert "POST /v1/chat/completions" not in got and got["POST /v1/batches"] == 3
+    assert batch.metrics("tag")["reasks"] == online.metrics("tag")["reasks"] == 2
