@@ -413,3 +413,21 @@ def test_tagger_a_whole_table_step_with_reasks_in_batch_mode(
     # the first answers, then a re-ask of R3, then the second re-ask: each needs the answer before it
     assert "POST /v1/chat/completions" not in got and got["POST /v1/batches"] == 3
     assert batch.metrics("tag")["reasks"] == online.metrics("tag")["reasks"] == 2
+
+
+def test_realign_with_two_samples_per_request_in_batch_mode(
+    fault: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow as pa
+    from test_rewriters_realign import GOOD_MATH, MATH, SHORT_MATH, at
+
+    from thresher.rewriters import ReAlign
+
+    fault.configure(script=[Rule(match=at("Q1"), reply=[SHORT_MATH, GOOD_MATH]), Rule(match=at("Q2"), reply="72.")])
+    table = pa.table({"id": ["r1", "r2"], "instruction": ["Q1: How many clips?", "Q2: And now?"], "output": [MATH, MATH]})
+    online, batch, got = _online_and_batch(
+        fault, tmp_path, monkeypatch, lambda b, _: ReAlign(backend=b, task="math_problem", n=2).apply(table))
+    assert batch.output.to_pylist() == online.output.to_pylist()
+    assert batch.output.column("output").to_pylist()[0] == GOOD_MATH  # the longer of the two samples of one line
+    assert batch.output.column("realign_status").to_pylist()[1] != "rewritten"  # "72." fails a check
+    assert (got["POST /v1/batches"], fault.stats()["batch_lines"]) == (1, 2)  # n=2: one line asks for both samples
