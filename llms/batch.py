@@ -55,6 +55,7 @@ MAX_BYTES = 200 * 1024 * 1024
 FINAL = ("completed", "expired", "cancelled", "failed")
 LEDGER = "ledger.jsonl"
 PENDING = "queued for the Batch API (collecting)"
+MAX_STAGES = 50  # collecting passes that queue requests, each waiting for the answers of the one before
 _COLLECTOR: contextvars.ContextVar[Collector | None] = contextvars.ContextVar("thresher_batch_collector", default=None)
 
 
@@ -363,6 +364,15 @@ class OpenAIBatch(OpenAICompatible):
         state.update(collector_=None, ledger_=None, api_=None)
         return state
 
+    def load(self) -> OpenAIBatch:
+        super().load()
+        if self._cache is None:
+            raise ConfigError(
+                "OpenAIBatch: batch mode needs the request cache (the answers of a job come back through it); "
+                "drop cache=False / --no-cache / THRESHER_NO_CACHE, or use the online backend"
+            )
+        return self
+
     def attach_workdir(self, path: str | os.PathLike[str] | None) -> None:
         """Keep the ledger (and vllm-file JSONL) in `path`/batches: the step's folder of a run (ModelStep.load)."""
         self.workdir_ = Path(path) if path is not None else None
@@ -394,7 +404,7 @@ class OpenAIBatch(OpenAICompatible):
                 return await super()._generate(chats, prompts, params)
             finally:
                 _COLLECTOR.reset(token)
-        while True:  # on its own, one call: queue what is missing, wait for its jobs, until nothing is missing
+        for _ in range(MAX_STAGES):  # on its own, one call: queue what is missing, wait for its jobs, until none is
             col = Collector()
             token = _COLLECTOR.set(col)
             before = self.usage.copy()
@@ -404,9 +414,9 @@ class OpenAIBatch(OpenAICompatible):
                 _COLLECTOR.reset(token)
                 restore_usage(self.usage, before)
             if not col.pending:
-                break
+                return await super()._generate(chats, prompts, params)
             await self.submit_and_wait(col)
-        return await super()._generate(chats, prompts, params)
+        raise too_many_stages(self)
 
     async def _send(self, transport: Transport, path: str, body: dict[str, Any], est: int, keys: list[str]) -> dict[str, Any]:
         why = self.ledger().failed().get(keys[0])
@@ -613,6 +623,13 @@ class OpenAIBatch(OpenAICompatible):
 
 #: what a collecting pass counts that the real pass counts again: put back after it (what it sent online stays)
 _RECOUNTED = ("cache_hits", "cache_misses", "errors", "reasks")
+
+
+def too_many_stages(backend: OpenAIBatch) -> BackendError:
+    return BackendError(
+        f"{backend!r}: still queueing new requests after {MAX_STAGES} rounds of batch jobs, each round answered; a step "
+        "whose requests never settle (or answers that never reach the request cache) cannot run in batch mode"
+    )
 
 
 def restore_usage(usage: Usage, before: Usage) -> None:

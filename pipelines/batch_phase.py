@@ -29,7 +29,7 @@ def batch_backends(step: Any) -> list[Any]:
 def run_batch_phase(step: Any, name: str, run_once: Callable[[], Any], say: Callable[[str], None] | None = None) -> int:
     """Collect, submit and wait until `run_once()` (the step over its input, results discarded) queues nothing.
     Returns the number of collecting passes that queued requests (0: nothing was sent as a batch)."""
-    from thresher.llms.batch import Collector, restore_usage
+    from thresher.llms.batch import MAX_STAGES, Collector, restore_usage, too_many_stages
 
     backends = batch_backends(step)
     if not backends:
@@ -50,6 +50,8 @@ def run_batch_phase(step: Any, name: str, run_once: Callable[[], Any], say: Call
         if not queued:
             break
         stages += 1
+        if stages > MAX_STAGES:
+            raise too_many_stages(queued[0][0])
         for b, col in queued:
             if say is not None:
                 say(f"{name}: {len(col.pending)} request(s) to the Batch API of {b.resolved_base_url} (stage {stages})")

@@ -431,3 +431,10 @@ def test_realign_with_two_samples_per_request_in_batch_mode(
     assert batch.output.column("output").to_pylist()[0] == GOOD_MATH  # the longer of the two samples of one line
     assert batch.output.column("realign_status").to_pylist()[1] != "rewritten"  # "72." fails a check
     assert (got["POST /v1/batches"], fault.stats()["batch_lines"]) == (1, 2)  # n=2: one line asks for both samples
+
+
+def test_batch_mode_needs_the_request_cache(fault: FaultServer, tmp_path: Path) -> None:
+    rows = write_rows(tmp_path / "rows.jsonl", 3)
+    with pytest.raises(ConfigError, match="batch mode needs the request cache"):
+        respond_pipeline(rows, spec(fault, cache=False)).run(tmp_path / "run", progress=False)
+    assert routes(fault) == {}
