@@ -438,3 +438,26 @@ def test_batch_mode_needs_the_request_cache(fault: FaultServer, tmp_path: Path) 
     with pytest.raises(ConfigError, match="batch mode needs the request cache"):
         respond_pipeline(rows, spec(fault, cache=False)).run(tmp_path / "run", progress=False)
     assert routes(fault) == {}
+
+
+def test_max_cost_usd_stops_before_the_next_job(fault: FaultServer, tmp_path: Path, isolated_cache: Path) -> None:
+    from thresher.errors import BudgetExceeded
+    from thresher.scorers import LLMJudge
+
+    fault.configure(script=[Rule(match=r"\[The user's request\]", reply="Score: 4\nFine.")], unmatched="echo")
+    rows = write_rows(tmp_path / "rows.jsonl", 20)
+
+    def pipe(budget: float) -> Any:
+        backend = spec(fault, max_cost_usd=budget)
+        p = respond_pipeline(rows, backend)
+        p.add(LLMJudge(backend=backend), name="judge", after=["respond"])
+        return p
+
+    respond_cost = (20 * 2 * 1.5 + 20 * 4 * 6.0) / 1e6
+    with pytest.raises(BudgetExceeded, match="max_cost_usd"):
+        pipe(respond_cost / 2).run(tmp_path / "run", progress=False)
+    assert routes(fault)["POST /v1/batches"] == 1  # Respond's job ran (nothing was spent before it); the judge's did not
+    fault.reset()
+    res = pipe(1.0).run(tmp_path / "run", progress=False)
+    assert routes(fault)["POST /v1/batches"] == 1 and res.table("judge").num_rows == 20
+    assert res.metrics("respond")["cost_usd"] == pytest.approx(respond_cost)
