@@ -18,6 +18,7 @@ _LAZY_COMMANDS = {
     "export": ("thresher.trainer.cli", "export", "Export a dataset for TRL, LLaMA-Factory or axolotl."),
     "batches": ("thresher.llms.batch_cli", "batches", "List a run's Batch API jobs (status, counts, cost); --cancel."),
     "eval": ("thresher.evaluation.cli", "eval_command", "Compare two models pairwise with a judge (AlpaGasus/Cherry)."),
+    "learn": ("thresher.evaluation.cli", "learn_command", "Build a set, train on it, evaluate: a training recipe."),
 }
 
 

@@ -88,3 +88,23 @@ def eval_command(
         raise click.ClickException(str(exc)) from None
     click.echo(result.table())
     click.echo(f"details: {out / 'eval.json'}")
+
+
+@click.command("learn", help=(
+    "Run a training recipe: build the set with its data pipeline, train on it, evaluate (held-out loss, and pairwise "
+    "against the base when the recipe asks). Kinds: sft (explanation tuning is an sft recipe whose Respond draws "
+    "explain system instructions; recipes/explain_tuning.yaml) and weak_to_strong (recipes/weak_to_strong.yaml: "
+    "reports PGR). Re-running the same command resumes; results go to OUT/results.json."
+))  # fmt: skip
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The run directory.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Override train.max_steps.")
+def learn_command(recipe: Path, out: Path, max_steps: int | None) -> None:
+    from thresher.evaluation.recipes import load_train_recipe, run_train_recipe
+
+    try:
+        loaded = load_train_recipe(recipe, **({"train": {"max_steps": max_steps}} if max_steps else {}))
+        results = run_train_recipe(loaded, out, progress=True)
+    except ThresherError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(results, indent=1))

@@ -10,11 +10,20 @@ asked again for the rest, each sample cached on its own) and `pick` says what th
 (most characters, the first of equals), or `all`: `output` holds the first sample and the list column `outputs`
 every sample in order. A row step returns exactly the rows it was given, so "all" is a list column, not n rows;
 a row missing any of its n samples fails whole, with the backend's reason.
+
+Explanation tuning (Orca): `system_prompts` is a set of system instructions that ask the teacher to explain its
+reasoning ("explain": our 12 shipped in `prompts/explain/system_prompts.<language>.txt`, a `key | text` file of your
+own, or a list of texts). Each row gets one, drawn from a hash of (seed, row id or text), so the choice does not depend
+on batching, order or resume; the row records it in `system` (the student trains on it as the system message) and
+its key in `system_kind`. A row that already has a system message keeps it (`system_kind` null).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -25,6 +34,43 @@ from thresher.pipelines.params import runtime, secret
 from thresher.pipelines.step import RowStep
 
 PICKS = ("first", "longest", "all")
+SHIPPED_SYSTEM_SETS = ("explain",)
+
+
+def load_system_prompts(spec: str | os.PathLike[str] | Sequence[str], language: str = "en") -> dict[str, str]:
+    """{key: system instruction} of a named shipped set ("explain"), a `key | text` file, or a list of texts (keyed
+    by position)."""
+    from thresher.pipelines.prompts import shipped_prompt_path
+
+    if not isinstance(spec, (str, os.PathLike)):
+        texts = list(spec)
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ConfigError(f"Respond: system_prompts must be non-empty texts, got {texts!r:.120}")
+        return {str(i): t for i, t in enumerate(texts)}
+    path = (shipped_prompt_path("generators", str(spec), "system_prompts", language) if str(spec) in SHIPPED_SYSTEM_SETS
+            else Path(spec).expanduser())  # fmt: skip
+    if not path.is_file():
+        raise ConfigError(f"Respond: system_prompts {str(spec)!r} is neither a file nor a shipped set "
+                          f"{list(SHIPPED_SYSTEM_SETS)}")  # fmt: skip
+    out: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, text = (p.strip() for p in line.partition("|"))
+        if not sep or not key or not text:
+            raise ConfigError(f"Respond: {path}, line {n}: expected 'key | system instruction', got {line!r:.80}")
+        if key in out:
+            raise ConfigError(f"Respond: {path}, line {n}: key {key!r} is given twice")
+        out[key] = text
+    if not out:
+        raise ConfigError(f"Respond: {path} holds no system instruction")
+    return out
+
+
+def pick_system(keys: Sequence[str], seed: int | None, row_key: str) -> str:
+    """The key a row gets: a hash of (seed, the row's id or text), the same in any batch, order or resumed run."""
+    digest = hashlib.blake2b(f"{seed or 0}\x00{row_key}".encode(), digest_size=8).digest()
+    return keys[int.from_bytes(digest, "big") % len(keys)]
 
 
 def _text(v: Any) -> str:
@@ -49,6 +95,8 @@ class Respond(ModelStep, RowStep):
     only_missing: answer only rows whose `output` is null or empty, keep the others as they are.
     n: samples per row; pick: which of them the row keeps ("first", "longest", or "all": `output` = the first and
     the list column `outputs` = every sample).
+    system_prompts: explanation tuning's set of system instructions, one drawn per row ("explain", a `key | text`
+    file, or a list of texts; see the module docstring), in `language` for the shipped set.
     """
 
     inputs = ("instruction",)
@@ -68,6 +116,8 @@ class Respond(ModelStep, RowStep):
         only_missing: bool = False,
         n: int = 1,
         pick: str = "first",
+        system_prompts: str | list[str] | None = None,
+        language: str = "en",
         api_key: str | None = secret(),
         batch_size: int = runtime(512),
         max_concurrency: int | None = runtime(None),
@@ -84,6 +134,8 @@ class Respond(ModelStep, RowStep):
         self.only_missing = only_missing
         self.n = n
         self.pick = pick
+        self.system_prompts = system_prompts
+        self.language = language
         self.api_key = api_key
         self.batch_size = batch_size
         self.max_concurrency = max_concurrency
@@ -102,10 +154,25 @@ class Respond(ModelStep, RowStep):
         if self.n > 1 and self.temperature == 0:
             raise ConfigError(f"Respond: n={self.n} samples at temperature 0 are {self.n} copies of one answer; "
                               "raise the temperature or set n=1")
+        if self.system_prompts is not None:
+            if self.system_prompt is not None:
+                raise ConfigError("Respond: give system_prompt (one for every row) or system_prompts (one drawn per "
+                                  "row), not both")  # fmt: skip
+            from thresher.pipelines.prompts import LANGUAGES
+
+            if self.language not in LANGUAGES:
+                raise ConfigError(f"Respond: unknown language {self.language!r}; valid: {list(LANGUAGES)}")
+            load_system_prompts(self.system_prompts, self.language)
         super().check()
 
     def writes(self) -> tuple[str, ...]:
-        return ("output", "outputs") if self.pick == "all" else ("output",)
+        cols = ("output", "outputs") if self.pick == "all" else ("output",)
+        return cols + (("system", "system_kind") if self.system_prompts is not None else ())
+
+    def fingerprint_extra(self) -> dict[str, Any]:
+        if self.system_prompts is None:
+            return {}
+        return {"system_prompts": load_system_prompts(self.system_prompts, self.language)}  # their text, not a path
 
     def semantic_params(self) -> dict[str, Any]:
         params = super().semantic_params()
@@ -113,6 +180,9 @@ class Respond(ModelStep, RowStep):
         if params.get("n") == 1 and params.get("pick") != "all":
             params.pop("n", None)
             params.pop("pick", None)
+        if params.get("system_prompts") is None:  # likewise for Respond before explanation tuning
+            params.pop("system_prompts", None)
+            params.pop("language", None)
         return params
 
     def map_batch(self, batch: pa.Table) -> dict[str, Any]:
@@ -127,6 +197,9 @@ class Respond(ModelStep, RowStep):
         old = batch.column("output").to_pylist() if "output" in cols else [None] * n
         outputs: list[str | None] = list(old) if self.only_missing else [None] * n
         errors: list[str | None] = [None] * n
+        kinds: list[str | None] = [None] * n
+        table = load_system_prompts(self.system_prompts, self.language) if self.system_prompts is not None else {}
+        system = list(system)
         todo: list[int] = []
         convs = []
         for i in range(n):
@@ -135,6 +208,10 @@ class Respond(ModelStep, RowStep):
             if not _text(instr[i]).strip():
                 errors[i] = f"{self.row_name(ids, i)}: the instruction is empty"
                 continue
+            if table and not _text(system[i]).strip():  # a row's own system message stands
+                row_key = str(ids[i]) if ids is not None and ids[i] is not None else f"{instr[i]}\x00{_text(inp[i])}"
+                kind = pick_system(list(table), self.seed, row_key)
+                kinds[i], system[i] = kind, table[kind]
             try:
                 convs.append(row_messages(instr[i], inp[i], system[i], history[i], system_prompt=self.system_prompt))
             except ValueError as e:
@@ -161,4 +238,7 @@ class Respond(ModelStep, RowStep):
         columns: dict[str, Any] = {"output": pa.array(outputs, type=pa.string()), "error": errors}
         if self.pick == "all":
             columns["outputs"] = pa.array(samples, type=pa.list_(pa.string()))
+        if self.system_prompts is not None:
+            columns["system"] = pa.array([None if s is None else str(s) for s in system], type=pa.string())
+            columns["system_kind"] = pa.array(kinds, type=pa.string())
         return columns
