@@ -17,6 +17,7 @@ _LAZY_COMMANDS = {
     "train": ("thresher.trainer.cli", "train", "Fine-tune a model with LoRA SFT from a YAML config."),
     "export": ("thresher.trainer.cli", "export", "Export a dataset for TRL, LLaMA-Factory or axolotl."),
     "batches": ("thresher.llms.batch_cli", "batches", "List a run's Batch API jobs (status, counts, cost); --cancel."),
+    "serve": ("thresher.llms.serve", "serve_command", "Serve the embedded model over an OpenAI-compatible API."),
     "eval": ("thresher.evaluation.cli", "eval_command", "Compare two models pairwise with a judge (AlpaGasus/Cherry)."),
     "learn": ("thresher.evaluation.cli", "learn_command", "Build a set, train on it, evaluate: a training recipe."),
 }

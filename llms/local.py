@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,13 @@ class LocalChatBackend:
 
     def _generate(self, items: list[GenItem]) -> list[GenOut | Exception]:
         raise NotImplementedError
+
+    def _generate_iter(self, items: list[GenItem]) -> Iterator[tuple[int, GenOut | Exception]]:
+        """(index, result) for every item, in the order they finish; each is recorded (and cached) as it comes, so a
+        killed run keeps every answer it had. The default generates `batch_size` items at a time, in order."""
+        step = max(1, int(getattr(self, "batch_size", 1) or 1))
+        for i in range(0, len(items), step):
+            yield from enumerate(self._generate(items[i : i + step]), start=i)
 
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -138,14 +145,11 @@ class LocalChatBackend:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=type(self).__name__, unit="sample")
-        step = max(1, int(getattr(self, "batch_size", 1) or 1))
-        for i in range(0, len(todo), step):
-            chunk = todo[i : i + step]
-            outs = self._generate([item(r, s) for r, s in chunk])
-            for (r, s), out in zip(chunk, outs, strict=True):
-                self._record(results[r], r, s, out, keys[r][s], kind)
+        for i, out in self._generate_iter([item(r, s) for r, s in todo]):
+            r, s = todo[i]
+            self._record(results[r], r, s, out, keys[r][s], kind)
             if bar is not None:
-                bar.update(len(chunk))
+                bar.update(1)
         if bar is not None:
             bar.close()
 

@@ -10,7 +10,8 @@ for the embedded default) and the same runtime knobs (`api_key`, `max_concurrenc
   pipeline with an IFD model, a judge and an embedder holds one model at a time, not all three;
 - `begin()` takes a snapshot of each backend's usage and `metrics()` reports the difference: this run's requests,
   tokens and cost only, each backend object counted once, however often the step or the backend object is reused;
-- `batches_in_flight()`: a remote server gets two batches at once, so its request window stays full across batches;
+- `batches_in_flight()`: a remote server (or the embedded model decoding in batches) gets two batches at once, so its
+  request window stays full across batches;
 - `rng()` / `sample_seed()`: the seeded-randomness convention of `thresher.pipelines.rng`, keyed by the step's `seed`.
 - `estimate_requests(rows)`: the requests the step would send for those rows, sent nowhere (by default a run against
   recording dry-run backends; see `thresher.pipelines.estimate`), and `estimate_plan`, the same scaled to a whole input.
@@ -181,11 +182,14 @@ class ModelStep:
         return out
 
     def batches_in_flight(self) -> int:
-        # A remote server: two batches at once keep its request window full across batch boundaries (the backend's
-        # max_concurrency still bounds requests in flight). In-process models answer one request at a time.
+        # A remote server, or the embedded llama.cpp model decoding several sequences together: two batches at once
+        # keep its request window (its decoder's slots) full across batch boundaries; the backend's max_concurrency
+        # or n_parallel still bounds requests in flight. Other in-process models answer one request at a time.
         self.load()
-        remote = any(getattr(b, "kind", None) == "openai" for b in self._distinct())
-        return 2 if remote else 1
+        parallel = any(
+            getattr(b, "kind", None) == "openai" or int(getattr(b, "n_parallel", 1) or 1) > 1 for b in self._distinct()
+        )
+        return 2 if parallel else 1
 
     # ---- cost estimates (thresher.pipelines.estimate) ---------------------------------------------
 

@@ -2,7 +2,8 @@
 
 - `fault_server` (session) / `fault` (per test: stats reset, faults cleared): the fault-injecting OpenAI-compatible
   server of `thresher.llms.testing`, in its own process.
-- `llama_server` (session): llama-cpp-python's real OpenAI-compatible server running the bundled SmolLM2 GGUF.
+- `llama_server` (session): `thresher serve`, the OpenAI-compatible server that decodes the bundled SmolLM2 GGUF in
+  batches (llama.cpp through `LlamaCpp`'s batched decoder).
 - `smol_hf_dir` (session): the bundled GGUF converted once to a transformers directory (kept under
   ~/.cache/thresher, so only the first session on a machine pays the 20-40 s conversion).
 - `isolated_cache` (autouse where imported): every test gets its own request-cache file.
@@ -68,7 +69,7 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """base_url of llama-cpp-python's OpenAI-compatible server running the bundled model."""
+    """base_url of `thresher serve` running the bundled model, 8 sequences decoded together."""
     pytest.importorskip("llama_cpp")
     from thresher.llms.bundled import smollm2_gguf
     from thresher.llms.native_probe import ensure_llama_cpp_runs
@@ -77,12 +78,11 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ensure_llama_cpp_runs(smollm2_gguf())
     port = free_port()
     cmd = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(smollm2_gguf()),
+        sys.executable, "-m", "thresher.llms.serve",
         "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "2048",
-        # one thread each: llama.cpp's spinning threads crawl when other work shares the 2 cores
-        "--n_threads", "1", "--n_threads_batch", "1",
+        "--n-ctx", "2048", "--n-parallel", "8",
+        # one thread: llama.cpp's spinning threads crawl when other work shares the 2 cores
+        "--threads", "1", "--threads-batch", "1",
     ]  # fmt: skip
     # the server's log goes to a file: llama.cpp's load report alone would fill a pipe and block the server
     log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
@@ -93,7 +93,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"thresher serve exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(base + "/models", timeout=2) as r:
                     if r.status == 200:
@@ -101,7 +101,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("llama_cpp.server did not answer /v1/models within 90 s")
+                raise RuntimeError("thresher serve did not answer /v1/models within 90 s")
             time.sleep(0.2)
         yield base
     finally:

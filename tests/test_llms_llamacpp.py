@@ -1,7 +1,11 @@
-"""The bundled SmolLM2 model: in-process through LlamaCpp, and behind llama-cpp-python's real OpenAI-compatible
-server driven by OpenAICompatible (chat, JSON mode, n>1, concurrency). Answers are kept short: ~28 tokens/s."""
+"""The bundled SmolLM2 model: in-process through LlamaCpp, and behind `thresher serve` (the OpenAI-compatible
+server that decodes in batches) driven by OpenAICompatible (chat, JSON mode, n>1, logprobs, concurrency)."""
 
 from __future__ import annotations
+
+import itertools
+import json
+import urllib.request
 
 import pytest
 from pydantic import BaseModel
@@ -54,12 +58,15 @@ def test_llamacpp_prompt_too_long_is_a_row_error() -> None:
 
 
 def test_llama_server_chat_json_n_and_concurrency(llama_server: str) -> None:
-    b = OpenAICompatible(model="smollm2", base_url=llama_server, max_concurrency=4, retry_base_delay=0.05)
-    convs = [[{"role": "user", "content": f"Write the number {i} in words."}] for i in range(8)]
+    b = OpenAICompatible(model="smollm2", base_url=llama_server, max_concurrency=8, retry_base_delay=0.05)
+    convs = [[{"role": "user", "content": f"Write the number {i} in words, please {i}."}] for i in range(8)]
     out = b.chat(convs, max_tokens=5, temperature=0)
     assert all(o.ok and o.text for o in out), [o.error for o in out]
     assert b.usage.requests == 8 and b.usage.prompt_tokens > 0
-    # JSON: llama.cpp's server refuses `json_schema` (422); auto mode steps down to its json_object + schema
+    with urllib.request.urlopen(llama_server.removesuffix("/v1") + "/health", timeout=5) as r:
+        health = json.loads(r.read())
+    assert health["peak_sequences"] > 1  # the 8 requests in flight were decoded together
+    # JSON: the server takes OpenAI's json_schema form and turns the schema into a grammar
     js = b.chat(
         [[{"role": "user", "content": "A person as JSON: name and age."}]],
         response_format=Person,
@@ -68,8 +75,12 @@ def test_llama_server_chat_json_n_and_concurrency(llama_server: str) -> None:
     )
     assert js[0].ok, js[0].error
     assert isinstance(js[0].parsed[0], Person)  # type: ignore[index]
-    assert b._mode_now == "object+schema"
-    # the server answers one choice whatever n says: the rest are asked for with seed + index
+    assert b._mode_now == "schema"
     many = b.chat([[{"role": "user", "content": "Pick a fruit."}]], n=2, seed=1, temperature=1.0, max_tokens=4)
     assert many[0].ok and len(many[0].texts) == 2 and all(many[0].texts)
+    lp = b.chat([[{"role": "user", "content": "Rate it from 1 to 6."}]], max_tokens=2, temperature=0, logprobs=True,
+                top_logprobs=5)  # fmt: skip
+    first = lp[0].logprobs[0][0]  # type: ignore[index]
+    assert len(first["top_logprobs"]) == 5 and first["token"] == first["top_logprobs"][0]["token"]
+    assert all(a["logprob"] >= b["logprob"] for a, b in itertools.pairwise(first["top_logprobs"]))
     b.close()

@@ -1,0 +1,398 @@
+"""Continuous batching for the embedded llama.cpp model: several conversations decoded together in one context.
+
+One llama.cpp decode call costs about the same for 1 token as for 8 on a small model (the weights are read once
+either way), so answering one request at a time leaves most of a CPU's throughput unused. `BatchedDecoder` keeps up
+to `n_parallel` sequences live in one context, each with its own sequence id, positions and sampler chain, and every
+step decodes one batch that holds the next token of each generating sequence plus a chunk of the prompts still being
+read in. A finished sequence leaves (its KV cells are freed) and a waiting one takes its slot at the next step, so
+the slots stay full however the requests arrive (continuous batching, as llama.cpp's own server does it).
+
+It runs on one background thread that owns the context; any number of threads `submit` requests and wait on
+futures. Sampling follows llama-cpp-python's high-level API (same defaults, same chain order: penalties, logit bias,
+grammar, then greedy at temperature 0 or top-k → typical → top-p → min-p → temperature → seeded draw), so a request
+gets the same text batched or alone, up to the rounding of batched matmuls (see the backend's README section).
+"""
+
+from __future__ import annotations
+
+import atexit
+import codecs
+import contextlib
+import ctypes
+import threading
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from thresher.errors import BackendError
+
+
+@dataclass
+class Sampling:
+    """Sampling parameters of one sequence; the defaults are llama-cpp-python's chat defaults."""
+
+    temperature: float = 0.2
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+
+
+@dataclass
+class SeqRequest:
+    """One sequence to generate: its prompt tokens and how to stop.
+
+    - max_tokens: None or <= 0 generates until a stop or the end of the sequence's context.
+    - stop: strings that end the text (not included in it).
+    - grammar: a `llama_cpp.LlamaGrammar` (structured output), or None.
+    - top_logprobs: None for no log-probabilities, else how many alternatives to keep per token (0: the chosen only).
+    """
+
+    tokens: list[int]
+    max_tokens: int | None = 256
+    stop: Sequence[str] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    grammar: Any = None
+    top_logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class SeqResult:
+    text: str
+    finish_reason: str  # "stop" (end-of-generation token or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+class _Seq:
+    """A request while it lives in the decoder: its slot, position and text so far."""
+
+    __slots__ = ("fed", "future", "generated", "logprobs", "next_token", "pos", "req", "sampler", "sid", "text",
+                 "utf8")  # fmt: skip
+
+    def __init__(self, req: SeqRequest, future: Future[SeqResult]) -> None:
+        self.req, self.future = req, future
+        self.sid = -1
+        self.fed = 0  # prompt tokens already decoded
+        self.pos = 0  # position of the next token fed
+        self.next_token: int | None = None  # sampled, not yet fed
+        self.generated = 0
+        self.text = ""
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.logprobs: list[TokenLogprob] | None = [] if req.top_logprobs is not None else None
+        self.sampler: Any = None
+
+
+class BatchedDecoder:
+    """Decodes up to `n_parallel` sequences together in a context of its own on `llama`'s weights.
+
+    - llama: a loaded `llama_cpp.Llama` (its model and vocabulary are shared, its context is not used).
+    - n_parallel: sequences decoded together (slots).
+    - n_ctx: context window of each sequence (prompt + completion); the context holds n_ctx × n_parallel cells.
+    - n_batch: most tokens in one decode call (generating sequences first, then prompt chunks).
+    - n_threads, n_threads_batch: CPU threads for token generation and for prompt processing.
+    """
+
+    def __init__(
+        self,
+        llama: Any,
+        *,
+        n_parallel: int,
+        n_ctx: int,
+        n_batch: int = 512,
+        n_threads: int = 1,
+        n_threads_batch: int = 1,
+        kv_unified: bool = False,
+    ) -> None:
+        import llama_cpp
+
+        self._lc = llama_cpp
+        self._llama = llama
+        self.n_parallel, self.n_ctx, self.n_batch = int(n_parallel), int(n_ctx), int(max(n_batch, n_parallel))
+        model = llama._model
+        self._model = model
+        self._vocab = model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        params = llama_cpp.llama_context_params.from_buffer_copy(llama.context_params)
+        params.n_ctx = self.n_ctx * self.n_parallel
+        params.n_seq_max = self.n_parallel
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_threads, params.n_threads_batch = int(n_threads), int(n_threads_batch)
+        params.kv_unified = bool(kv_unified)
+        params.embeddings = False
+        ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if ctx is None:
+            raise BackendError(
+                f"LlamaCpp: cannot make a context of {params.n_ctx} tokens for {self.n_parallel} sequences; "
+                "lower n_parallel or n_ctx"
+            )
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._cv = threading.Condition()
+        self._waiting: deque[_Seq] = deque()
+        self._active: list[_Seq] = []
+        self._free_ids = list(range(self.n_parallel - 1, -1, -1))
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode calls, for tests and benchmarks
+        self.peak_live = 0  # most sequences live at once
+        # the model must outlive this context, and the thread must stop before either is freed
+        _LIVE.add(self)
+
+    # ---- public -------------------------------------------------------------------------------------
+
+    def submit(self, req: SeqRequest) -> Future[SeqResult]:
+        fut: Future[SeqResult] = Future()
+        if not req.tokens:
+            fut.set_exception(ValueError("empty prompt: nothing to decode"))
+            return fut
+        if len(req.tokens) >= self.n_ctx:
+            fut.set_exception(
+                ValueError(f"Requested tokens ({len(req.tokens)}) exceed context window of {self.n_ctx}")
+            )
+            return fut
+        with self._cv:
+            if self._closing:
+                raise BackendError("LlamaCpp: the batched decoder is closed")
+            self._waiting.append(_Seq(req, fut))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="thresher-llamacpp-decoder", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return fut
+
+    def generate(self, reqs: Sequence[SeqRequest]) -> list[SeqResult | Exception]:
+        """Submit all and wait: one result or exception per request, in order."""
+        futs = [self.submit(r) for r in reqs]
+        out: list[SeqResult | Exception] = []
+        for f in futs:
+            try:
+                out.append(f.result())
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+        if self._batch is not None:
+            self._lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            self._lc.llama_free(self._ctx)
+            self._ctx = None
+        _LIVE.discard(self)
+
+    # ---- the decoding thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._closing:
+                    err = BackendError("LlamaCpp: the batched decoder closed before this request finished")
+                    for seq in [*self._active, *self._waiting]:
+                        self._finish_error(seq, err)
+                    self._waiting.clear()
+                    self._active.clear()
+                    return
+                while self._waiting and self._free_ids:
+                    seq = self._waiting.popleft()
+                    if not seq.future.set_running_or_notify_cancel():
+                        continue
+                    try:
+                        seq.sampler = self._make_sampler(seq.req)
+                    except Exception as e:
+                        seq.future.set_exception(e)
+                        continue
+                    seq.sid = self._free_ids.pop()
+                    self._active.append(seq)
+            if self._active:
+                self.peak_live = max(self.peak_live, len(self._active))
+                try:
+                    self._step()
+                except Exception as e:  # a failed decode fails the sequences in it, not the decoder
+                    for seq in list(self._active):
+                        self._finish_error(seq, e)
+
+    def _step(self) -> None:
+        lc, batch = self._lc, self._batch
+        n = 0
+        outputs: list[tuple[_Seq, int]] = []
+
+        def put(token: int, pos: int, sid: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = sid
+            batch.logits[n] = 1 if logits else 0
+            n += 1
+
+        # generating sequences first: one token each, so no sequence waits behind a long prompt
+        for seq in self._active:
+            if seq.next_token is not None:
+                put(seq.next_token, seq.pos, seq.sid, True)
+                outputs.append((seq, n - 1))
+                seq.pos += 1
+                seq.next_token = None
+        for seq in self._active:
+            left = self.n_batch - n
+            if left <= 0:
+                break
+            prompt = seq.req.tokens
+            if seq.fed >= len(prompt):
+                continue
+            chunk = prompt[seq.fed : seq.fed + left]
+            for j, tok in enumerate(chunk):
+                last = seq.fed + j == len(prompt) - 1
+                put(tok, seq.pos, seq.sid, last)
+                seq.pos += 1
+            seq.fed += len(chunk)
+            if seq.fed == len(prompt):
+                outputs.append((seq, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = lc.llama_decode(self._ctx, batch)
+        self.steps += 1
+        if rc != 0:
+            raise BackendError(f"llama_decode returned {rc} for a batch of {n} tokens ({len(self._active)} sequences)")
+        for seq, i in outputs:
+            self._take_token(seq, i)
+
+    def _take_token(self, seq: _Seq, i: int) -> None:
+        lc = self._lc
+        tok = int(lc.llama_sampler_sample(seq.sampler.sampler, self._ctx, i))
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprob(i, tok, seq.req.top_logprobs or 0))
+        if lc.llama_vocab_is_eog(self._vocab, tok):
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        before = len(seq.text)
+        seq.text += seq.utf8.decode(self._piece(tok))
+        stops = seq.req.stop
+        if stops:
+            cut = -1
+            for s in stops:
+                if not s:
+                    continue
+                k = seq.text.find(s, max(0, before - len(s) + 1))
+                if k >= 0 and (cut < 0 or k < cut):
+                    cut = k
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                self._finish(seq, "stop", flush=False)
+                return
+        mt = seq.req.max_tokens
+        if (mt is not None and mt > 0 and seq.generated >= mt) or seq.pos >= self.n_ctx:
+            self._finish(seq, "length")
+            return
+        seq.next_token = tok
+
+    def _logprob(self, i: int, tok: int, top: int) -> TokenLogprob:
+        import numpy as np
+
+        ptr = self._lc.llama_get_logits_ith(self._ctx, i)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        mx = logits.max()
+        lse = mx + np.log(np.exp(logits - mx).sum())
+        alts: list[tuple[str, float]] = []
+        if top > 0:
+            idx = np.argpartition(-logits, top)[:top]
+            idx = idx[np.argsort(-logits[idx])]
+            alts = [(self._piece_text(int(t)), float(logits[t] - lse)) for t in idx]
+        return TokenLogprob(self._piece_text(tok), float(logits[tok] - lse), alts)
+
+    def _piece(self, tok: int) -> bytes:
+        p = self._pieces.get(tok)
+        if p is None:
+            n = self._lc.llama_token_to_piece(self._vocab, tok, self._piece_buf, len(self._piece_buf), 0, False)
+            p = bytes(self._piece_buf.raw[: max(n, 0)])
+            self._pieces[tok] = p
+        return p
+
+    def _piece_text(self, tok: int) -> str:
+        return self._piece(tok).decode("utf-8", errors="replace")
+
+    def _make_sampler(self, req: SeqRequest) -> Any:
+        from llama_cpp import _internals
+
+        s = req.sampling
+        smp = _internals.LlamaSampler()
+        if s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0:
+            smp.add_penalties(self.n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+        if s.logit_bias:
+            smp.add_logit_bias(self.n_vocab, {int(k): float(v) for k, v in s.logit_bias.items()})
+        if req.grammar is not None:
+            smp.add_grammar(self._model, req.grammar)
+        if s.temperature == 0.0:
+            smp.add_greedy()
+        else:
+            smp.add_top_k(int(s.top_k))
+            smp.add_typical(float(s.typical_p), 1)
+            smp.add_top_p(float(s.top_p), 1)
+            smp.add_min_p(float(s.min_p), 1)
+            smp.add_temp(float(s.temperature))
+            smp.add_dist(int(s.seed) & 0xFFFFFFFF if s.seed is not None else self._lc.LLAMA_DEFAULT_SEED)
+        return smp
+
+    def _release(self, seq: _Seq) -> None:
+        if seq.sid >= 0:
+            self._lc.llama_memory_seq_rm(self._mem, seq.sid, -1, -1)
+            self._free_ids.append(seq.sid)
+            seq.sid = -1
+        if seq in self._active:
+            self._active.remove(seq)
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+
+    def _finish(self, seq: _Seq, reason: str, *, flush: bool = True) -> None:
+        if flush:
+            seq.text += seq.utf8.decode(b"", final=True)
+        self._release(seq)
+        seq.future.set_result(
+            SeqResult(seq.text, reason, len(seq.req.tokens), seq.generated, seq.logprobs)
+        )
+
+    def _finish_error(self, seq: _Seq, err: Exception) -> None:
+        self._release(seq)
+        if not seq.future.done():
+            seq.future.set_exception(err)
+
+
+_LIVE: weakref.WeakSet[BatchedDecoder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # stop decoding threads before the interpreter frees the models under them
+    for dec in list(_LIVE):
+        with contextlib.suppress(Exception):
+            dec.close()
