@@ -264,6 +264,7 @@ class OpenAIEmbeddings(_CachedEmbedder):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_client"], state["_cache"] = None, None
+        state["api_key"] = None  # keys never travel in a pickle (Ray's object store): workers read api_key_env
         return state
 
     def load(self) -> OpenAIEmbeddings:

@@ -40,6 +40,10 @@ class Pipeline:
         self.name = name
         self.nodes: dict[str, Node] = {}
         self.tips: list[str] = []  # the nodes `>>` attaches to next
+        #: how `run()` executes by default: "local" or "ray" (a recipe's `runner:`), with the Ray runner's options
+        #: (a recipe's `ray:` mapping: address, actors, num_cpus, num_gpus, steps)
+        self.runner = "local"
+        self.ray_options: dict[str, Any] = {}
 
     # ---- building -------------------------------------------------------------------------------
 
@@ -120,7 +124,7 @@ class Pipeline:
     def __rshift__(self, other: Any) -> Pipeline:
         targets = list(other) if isinstance(other, (list, tuple)) else [other]
         out = Pipeline.merge([self])
-        out.name = self.name
+        out.name, out.runner, out.ray_options = self.name, self.runner, dict(self.ray_options)
         parents = list(out.tips)
         new_tips: list[str] = []
         for t in targets:
@@ -239,8 +243,26 @@ class Pipeline:
         *,
         fresh: bool = False,
         progress: bool = True,
+        runner: str | None = None,
+        address: str | None = None,
     ) -> RunResult:
-        """Run every step not already finished in `run_dir`; see `thresher.pipelines.runner`."""
-        from thresher.pipelines.runner import Runner
+        """Run every step not already finished in `run_dir`; see `thresher.pipelines.runner`.
 
+        runner: "local" (this process) or "ray" (row steps on a Ray cluster: `thresher.pipelines.ray_runner`);
+        default: the pipeline's own (a recipe's `runner:`), else local. address: the Ray cluster to join (default:
+        $RAY_ADDRESS, else a local cluster sized to this machine)."""
+        from thresher.pipelines.runner import RUNNERS, Runner
+
+        kind = runner or self.runner or "local"
+        if kind not in RUNNERS:
+            raise PipelineError(f"unknown runner {kind!r}; valid: {list(RUNNERS)}")
+        if kind == "ray":
+            from thresher.pipelines.ray_runner import RayRunner
+
+            options = dict(self.ray_options)
+            if address is not None:
+                options["address"] = address
+            return RayRunner(self, run_dir, fresh=fresh, progress=progress, **options).run()
+        if address is not None:
+            raise PipelineError("address names a Ray cluster: give it with runner='ray'")
         return Runner(self, run_dir, fresh=fresh, progress=progress).run()

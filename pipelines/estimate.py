@@ -402,6 +402,12 @@ def committed_end(step_dir: Path) -> int:
     return end
 
 
+def _ranges(step_dir: Path) -> list[tuple[int, int]]:
+    from thresher.pipelines.runner import _shard_range, list_shards
+
+    return [_shard_range(p) for p in list_shards(step_dir / "output")]
+
+
 def estimate(
     pipeline: Pipeline,
     *,
@@ -445,7 +451,8 @@ def estimate(
             if step_dir is not None and step_dir.is_dir():
                 step.workdir_ = step_dir  # as the runner sets it: a generator reads its committed state there
                 if step.kind == "row":
-                    left = max(0, est.rows_in - committed_end(step_dir))
+                    # every committed range counts, gaps or not (the Ray runner commits batches out of order)
+                    left = max(0, est.rows_in - sum(b - a for a, b in _ranges(step_dir)))
             try:
                 planned, out_rows, rows_out = step.estimate_plan(sample_in, left, tokenizer=counter, fill=fill)
                 if step.kind != "generator":

@@ -30,7 +30,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -50,11 +50,28 @@ class StepSpec(BaseModel):
     after: list[str] | str | None = Field(default=None, description="parent step(s); default: the previous step")
 
 
+class RayStepOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    actors: int | None = Field(default=None, ge=1, description="actors in the step's pool")
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+
+
+class RayOptions(RayStepOptions):
+    """`runner: ray` options: the cluster, the default actor pool, and per-step pools (`steps: {name: {...}}`)."""
+
+    address: str | None = None
+    steps: dict[str, RayStepOptions] = Field(default_factory=dict)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "pipeline"
     description: str | None = None
+    runner: Literal["local", "ray"] = "local"
+    ray: RayOptions | None = None
     steps: dict[str, StepSpec]
 
 
@@ -220,6 +237,9 @@ def recipe_from_text(text: str, *, source: str = "<recipe>", base_dir: Path | No
         msgs = [f"{_where(source, lines, tuple(err['loc']))}: {err['msg']}" for err in e.errors()]
         raise ConfigError("\n".join(msgs)) from None
     pipeline = Pipeline(recipe.name)
+    pipeline.runner = recipe.runner
+    if recipe.ray is not None:
+        pipeline.ray_options = recipe.ray.model_dump(exclude_none=True, exclude_defaults=True)
     previous: str | None = None
     for name, spec in recipe.steps.items():
 
@@ -262,7 +282,13 @@ def to_recipe(pipeline: Pipeline) -> dict[str, Any]:
             spec["after"] = list(node.parents)
         steps[node.name] = spec
         previous = node.name
-    return {"name": pipeline.name, "steps": steps}
+    out: dict[str, Any] = {"name": pipeline.name}
+    if pipeline.runner != "local":
+        out["runner"] = pipeline.runner
+    if pipeline.ray_options:
+        out["ray"] = _plain(pipeline.ray_options)
+    out["steps"] = steps
+    return out
 
 
 def _step_ref(cls: type[Step]) -> str:

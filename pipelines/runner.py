@@ -7,10 +7,13 @@ fingerprinted (step class + VERSION + semantic parameters + parents' fingerprint
 `_done.json` exists; a changed parameter gives that step (and its descendants) a new fingerprint, so only they run.
 
 Row steps stream: batch i covers input rows [start, end) and is committed as `part-<start>-<end>.parquet` files
-(rejected and failed first, output last, each via temp file, fsync, os.replace). A run killed mid-step resumes after
-the last committed batch; what it redoes is the batches that were not committed yet (the one being computed, up to
-`batches_in_flight()` more on worker threads, and up to two queued for the background writer), whose model answers
-are in the request cache. Memory holds a few batches per step at a time, whatever the number of steps or rows.
+(rejected and failed first, output last, each via temp file, fsync, os.replace). A run killed mid-step resumes with
+every committed batch kept, wherever it lies (the Ray runner's workers finish batches out of order, so committed
+ranges may have gaps): only the input rows no output shard covers are computed again, a side shard without its
+output shard is a torn commit and goes. What a resume redoes is the batches that were not committed yet (the one
+being computed, up to `batches_in_flight()` more on worker threads, and up to two queued for the background
+writer), whose model answers are in the request cache. Memory holds a few batches per step at a time, whatever the
+number of steps or rows.
 
 Generators commit the same way, batch by batch: batch k's side outputs, then `state/part-k.json` (the state the
 generator handed over and the candidates counted so far), then its output shard, which marks the batch committed.
@@ -66,6 +69,7 @@ _DONE_FIELDS = ("rows_in", "rows_out", "rows_rejected", "rows_failed", "candidat
                 "started_at", "finished_at")  # fmt: skip
 METRICS = "_metrics.json"  # a row step's metrics as of its last committed batch, carried over a resume
 SIDES = ("output", "rejected", "failed")
+RUNNERS = ("local", "ray")
 
 
 # ---- small file helpers ---------------------------------------------------------------------------
@@ -213,6 +217,65 @@ def _check_batch_schema(name: str, before: pa.Schema | None, batch: pa.Schema, s
             f"step {name!r}: the output of rows [{start}, {end}) does not fit the batches before it: "
             f"{'; '.join(clashes) or e}. A step must return one type per column in every batch"
         ) from e
+
+
+def committed_ranges(step_dir: Path) -> list[tuple[int, int]]:
+    """The input ranges a row step has committed, in order, after removing torn commits.
+
+    A batch is committed when its output shard is in place (side outputs are written before it). Committed ranges
+    may leave gaps: batches finish out of order on the Ray runner, and a run killed there leaves every batch that
+    finished. A side shard whose output shard is missing, and an output shard that overlaps one before it (only a
+    run with another batch size racing this one could leave that), are deleted: their rows are computed again."""
+    ranges: list[tuple[int, int]] = []
+    for shard in list_shards(step_dir / "output"):
+        a, b = _shard_range(shard)
+        if ranges and a < ranges[-1][1]:
+            shard.unlink()
+            continue
+        ranges.append((a, b))
+    keep = set(ranges)
+    for side in ("rejected", "failed"):
+        for shard in list_shards(step_dir / side):
+            if _shard_range(shard) not in keep:
+                shard.unlink()
+    return ranges
+
+
+def pending_ranges(committed: list[tuple[int, int]], total: int, batch_size: int) -> list[tuple[int, int]]:
+    """The batches left to compute: [0, total) minus the committed ranges, each gap cut into `batch_size` rows."""
+    out: list[tuple[int, int]] = []
+    at = 0
+    for a, b in [*committed, (total, total)]:
+        for s in range(at, min(a, total), batch_size):
+            out.append((s, min(s + batch_size, a, total)))
+        at = max(at, b)
+    return out
+
+
+def read_ranges(folder: Path, ranges: list[tuple[int, int]], batch_size: int) -> Iterator[pa.Table]:
+    """The rows of each range of a step's output, in order (ranges of at most `batch_size` rows, ascending)."""
+    i = 0
+    while i < len(ranges):
+        j = i  # a run of adjacent ranges is read in one pass over the shards
+        while j + 1 < len(ranges) and ranges[j + 1][0] == ranges[j][1]:
+            j += 1
+        sizes = [b - a for a, b in ranges[i : j + 1]]
+        buf: list[pa.Table] = []
+        have = k = 0
+        for batch in iter_batches(folder, batch_size, skip=ranges[i][0]):
+            buf.append(batch)
+            have += batch.num_rows
+            while k < len(sizes) and have >= sizes[k]:
+                whole = pa.concat_tables(buf)
+                yield whole.slice(0, sizes[k])
+                rest = whole.slice(sizes[k])
+                buf, have, k = ([rest] if rest.num_rows else []), rest.num_rows, k + 1
+            if k == len(sizes):
+                break
+        if k < len(sizes):  # the input ended early: the caller's row check names the range
+            yield pa.concat_tables(buf) if buf else pa.table({})
+            return
+        i = j + 1
 
 
 def _count_rows(folder: Path) -> int:
@@ -471,14 +534,7 @@ class Runner:
             t0 = time.perf_counter()
             try:
                 node.step.workdir_ = step_dir
-                node.step.load()
-                node.step.begin()
-                if isinstance(node.step, (RowStep, Filter)) and node.step.kind == "row":
-                    self._run_row_step(node.name, node.step, node.parents, step_dir, rec)
-                elif isinstance(node.step, Generator):
-                    self._run_generator(node.name, node.step, node.parents, step_dir, rec)
-                else:
-                    self._run_whole_step(node.name, node.step, node.parents, step_dir, rec)
+                self._execute(node.name, node.step, node.parents, step_dir, rec)
                 rec.metrics = _jsonable(merge_metrics(self._prior_metrics.pop(node.name, {}), node.step.metrics()))
             except BaseException as e:
                 rec.status = "failed"
@@ -509,6 +565,17 @@ class Runner:
             )
         return RunResult.open(self.run_dir)
 
+    def _execute(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
+        """Load the step and run it into `step_dir` (the Ray runner sends row steps to a cluster instead)."""
+        step.load()
+        step.begin()
+        if isinstance(step, (RowStep, Filter)) and step.kind == "row":
+            self._run_row_step(name, step, parents, step_dir, rec)
+        elif isinstance(step, Generator):
+            self._run_generator(name, step, parents, step_dir, rec)
+        else:
+            self._run_whole_step(name, step, parents, step_dir, rec)
+
     def _unload(self, name: str, step: Step) -> None:
         try:
             step.unload()
@@ -526,44 +593,43 @@ class Runner:
     def _parent_dir(self, parent: str) -> Path:
         return self.run_dir / self.records[parent].dir / "output"
 
-    def _run_row_step(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
+    def _row_step_plan(
+        self, step: Step, parents: list[str], step_dir: Path, rec: StepRecord
+    ) -> tuple[Path, int, int, list[tuple[int, int]], list[tuple[int, int]]]:
+        """(input folder, input rows, batch size, committed ranges, ranges left) of a row step about to run.
+
+        Resume keeps every committed batch and computes only the input rows none covers."""
         src = self._parent_dir(parents[0])
         total = self.records[parents[0]].rows_out
         if total is None:
             total = _count_rows(src)
-        # resume: keep the committed batches that tile the input from row 0
-        committed = list_shards(step_dir / "output")
-        offset = 0
-        for shard in committed:
-            a, b = _shard_range(shard)
-            if a != offset:
-                break
-            offset = b
-        for side in SIDES:  # drop anything past the resume point (a half-committed batch)
-            for shard in list_shards(step_dir / side):
-                if _shard_range(shard)[1] > offset:
-                    shard.unlink()
-        rec.resumed_from_row = offset or None
-        # usage and cost of the attempts before a crash, as of their last committed batch
-        prior = json.loads((step_dir / METRICS).read_text()) if offset and (step_dir / METRICS).exists() else {}
-        self._prior_metrics[name] = prior
         bs = max(1, int(getattr(step, "batch_size", 1024) or 1024))
+        committed = committed_ranges(step_dir)
+        rec.resumed_from_row = sum(b - a for a, b in committed) or None
+        return src, total, bs, committed, pending_ranges(committed, total, bs)
+
+    def _run_row_step(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
+        src, total, bs, committed, todo = self._row_step_plan(step, parents, step_dir, rec)
+        done_rows = rec.resumed_from_row or 0
         # Batch API backends: the requests of every row left go out as batch jobs first (thresher.pipelines.batch_phase)
-        run_batch_phase(step, name, lambda: drain_rows(step, name, iter_batches(src, bs, skip=offset)), self._say)
-        bar = _progress(total, name, offset, self.progress)
-        start = offset
+        run_batch_phase(step, name, lambda: drain_rows(step, name, read_ranges(src, todo, bs)), self._say)
+        # usage and cost of the attempts before a crash, as of their last committed batch
+        prior = json.loads((step_dir / METRICS).read_text()) if committed and (step_dir / METRICS).exists() else {}
+        self._prior_metrics[name] = prior
+        bar = _progress(total, name, done_rows, self.progress)
         schema = _unified_schema(list_shards(step_dir / "output"))
         with _ShardWriter(step_dir) as writer:  # writes batch i while the step computes batch i+1
-            for batch, out in map_batches(step, name, prefetch(iter_batches(src, bs, skip=offset))):
-                end = start + batch.num_rows
+            batches = map_batches(step, name, prefetch(read_ranges(src, todo, bs)))
+            for (start, end), (batch, out) in zip(todo, batches, strict=False):
+                if batch.num_rows != end - start:
+                    raise StepError(f"step {name!r}: read {batch.num_rows} input rows for [{start}, {end})")
                 # a batch whose columns cannot share a type with the batches before it fails the step here, before
                 # it is committed: once the step is done, every later read of its shards would fail instead
                 schema = _check_batch_schema(name, schema, out.output.schema, start, end)
                 writer.put(start, end, out, merge_metrics(prior, step.metrics()))
-                start = end
                 bar.update(batch.num_rows)
         bar.close()
-        if start == 0 and not list_shards(step_dir / "output"):  # empty input: still leave a (empty) output
+        if not list_shards(step_dir / "output"):  # empty input: still leave a (empty) output
             schema = _unified_schema(list_shards(src))
             empty = schema.empty_table() if schema is not None else pa.table({})
             # through the step, as in memory: the output must have the columns it adds, or a step downstream that

@@ -1,0 +1,452 @@
+"""The Ray runner (`runner: ray`): the same pipelines, resumable the same way, with row steps on a Ray cluster.
+
+How it works. The driver (this process) is a `Runner`: it checks and fingerprints the pipeline, keeps the manifest
+and `_done.json` marks exactly as the local runner does, and runs generators and global steps itself. A row step (a
+map or a filter) becomes a Ray Data `map_batches` over an actor pool (`ActorPoolStrategy`): the driver lists the
+input ranges that no committed batch covers ([start, end), the step's batch size each); each actor rebuilds the step
+from its parameters and loads it once (`load()`: a model, a client), then for each range reads the rows from the
+parent's Parquet shards in the run directory, runs the batch and commits `part-<start>-<end>.parquet` there itself
+(side outputs first, output last, atomically) before it hands the driver only the counts and the output schema.
+Rows never pass through Ray's object store; ranges, counts and schemas do. Batches finish in any order, and resume
+keeps every committed range (`runner.committed_ranges`), so a killed worker or driver costs only the batches that
+were in flight. Ray restarts a dead actor and retries its batch, which is written again, whole, under its own name.
+
+Model steps keep thresher's own client inside each actor: retries, rate limits, structured output, the request
+cache (a SQLite file per node). `max_concurrency`, `rpm` and `tpm` are divided among a step's actors
+(`share_limits`), so the pool as a whole keeps the limits one process would. An actor of a remote-model step runs two
+batches at once, so its request window stays full across batch boundaries, as `batches_in_flight()` does locally.
+
+Global steps with a parallel part run in two stages: NearDedup's vectors are embedded by an actor pool (ranges
+committed as `.npy` files under `_vectors/`, resumable the same way), then the search and grouping run on the driver.
+Other global steps, and generators, run on the driver as they do locally.
+
+Secrets never enter Ray: a step travels as its class and its parameters without secrets, backend objects pickle
+without their keys, and workers read keys from their own environment (`api_key_env`). A step given an `api_key`
+parameter is refused before anything runs. The run directory must be a path that every node sees as the same
+folder (local disk for a one-machine cluster, NFS or another shared mount for several).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from thresher.errors import ConfigError, PipelineError, StepError
+from thresher.pipelines.dag import Pipeline
+from thresher.pipelines.execute import apply_row_step
+from thresher.pipelines.runner import (
+    METRICS,
+    Runner,
+    StepRecord,
+    _check_batch_schema,
+    _conform,
+    _count_rows,
+    _jsonable,
+    _progress,
+    _unified_schema,
+    atomic_write_text,
+    check_pipeline,
+    commit_batch,
+    list_shards,
+    merge_metrics,
+    pending_ranges,
+)
+from thresher.pipelines.step import Filter, RowStep, Step
+
+WORKERS = "_workers"  # one file per actor started for the step: its process id and node (ops, and the kill tests)
+ACTOR_METRICS = "_metrics"  # one file per actor: its step's metrics as of its last committed batch
+VECTORS = "_vectors"  # a two-stage step's vectors, one .npy file per committed range
+_OPTION_KEYS = ("actors", "num_cpus", "num_gpus")
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ConfigError("runner: ray needs Ray Data: pip install 'thresher[ray]'") from e
+    return ray
+
+
+# ---- the step as it travels -----------------------------------------------------------------------
+
+
+def portable_params(name: str, step: Step) -> dict[str, Any]:
+    """The parameters an actor rebuilds `step` from: secrets refused (they would enter Ray's object store)."""
+    given = sorted(k for k in step._secret_params if getattr(step, k, None) is not None)
+    if given:
+        raise ConfigError(
+            f"step {name!r} ({type(step).__name__}): {given} given as a parameter; under runner: ray a key would travel "
+            "through Ray's object store, so workers read it from their environment instead: set the variable named by "
+            "the backend's api_key_env (OPENAI_API_KEY by default) on every node and leave the parameter unset"
+        )
+    return {k: v for k, v in step.get_params().items() if k not in step._secret_params}
+
+
+def _is_model_step(step: Step) -> bool:
+    from thresher.pipelines.model_step import ModelStep
+
+    return isinstance(step, ModelStep)
+
+
+def share_limits(step: Step, params: dict[str, Any], actors: int) -> dict[str, Any]:
+    """`params` with the step's request limits divided among `actors` actors: `max_concurrency` (at least 1 each),
+    `rpm` and `tpm`, in each remote backend's spec (or a copy of a backend object) and in the step's own knob."""
+    if actors <= 1 or not _is_model_step(step):
+        return params
+    out = dict(params)
+    if isinstance(out.get("max_concurrency"), int):
+        out["max_concurrency"] = max(1, out["max_concurrency"] // actors)
+    for param in getattr(step, "model_params", {}):
+        backend = step._build(param)  # type: ignore[attr-defined]  # cheap: a backend connects in load()
+        if not hasattr(backend, "max_concurrency"):
+            continue  # an in-process model: nothing shared between actors
+        limits: dict[str, Any] = {"max_concurrency": max(1, int(backend.max_concurrency) // actors)}
+        for key in ("rpm", "tpm"):
+            if getattr(backend, key, None):
+                limits[key] = float(getattr(backend, key)) / actors
+        spec = out.get(param)
+        if spec is None or isinstance(spec, Mapping):
+            out[param] = {**(spec or {}), **limits}
+        else:
+            spec = copy.copy(spec)
+            for key, value in limits.items():
+                setattr(spec, key, value)
+            out[param] = spec
+    return out
+
+
+def _remote_model(step: Step) -> bool:
+    if not _is_model_step(step):
+        return False
+    return any(getattr(step._build(p), "kind", None) == "openai" for p in step.model_params)  # type: ignore[attr-defined]
+
+
+def _wants_gpu(step: Step) -> bool:
+    devices = [getattr(step, "device", None)]
+    for param in getattr(step, "model_params", {}):
+        spec = getattr(step, param, None)
+        devices.append(spec.get("device") if isinstance(spec, Mapping) else getattr(spec, "device", None))
+    return any(isinstance(d, str) and d.startswith("cuda") for d in devices)
+
+
+def two_stage(step: Step) -> bool:
+    """Whether the step is a global step whose vectors the cluster computes (NearDedup embedding its text)."""
+    from thresher.filters.embedding import EmbeddingStep
+
+    return isinstance(step, EmbeddingStep) and hasattr(type(step), "preset_vectors_") and step._uses_embedder()
+
+
+# ---- reading rows by range ------------------------------------------------------------------------
+
+
+def shard_index(folder: Path) -> tuple[list[tuple[str, int, int]], pa.Schema | None]:
+    """(path, first row, rows) of each output shard of a step, and their common schema: what a worker needs to read
+    any range without listing the folder again."""
+    files = list_shards(folder)
+    index = []
+    first = 0
+    for f in files:
+        n = pq.read_metadata(f).num_rows
+        index.append((str(f), first, n))
+        first += n
+    return index, _unified_schema(files)
+
+
+def read_rows(index: Sequence[tuple[str, int, int]], schema: pa.Schema | None, start: int, end: int) -> pa.Table:
+    """Rows [start, end) of the shards in `index`, reading only the row groups that hold them."""
+    parts = []
+    for path, first, n in index:
+        if first + n <= start or first >= end:
+            continue
+        a, b = max(start, first) - first, min(end, first + n) - first
+        pf = pq.ParquetFile(path)
+        at = 0
+        for g in range(pf.num_row_groups):
+            m = pf.metadata.row_group(g).num_rows
+            if at < b and at + m > a:
+                lo = max(a, at)
+                t = pf.read_row_group(g).slice(lo - at, min(b, at + m) - lo)
+                parts.append(_conform(t, schema) if schema is not None else t)
+            at += m
+    if not parts:
+        return schema.empty_table() if schema is not None else pa.table({})
+    return pa.concat_tables(parts)
+
+
+def _range_name(start: int, end: int, suffix: str) -> str:
+    return f"part-{start:012d}-{end:012d}{suffix}"
+
+
+def _vector_ranges(folder: Path) -> list[tuple[int, int]]:
+    if not folder.is_dir():
+        return []
+    out: list[tuple[int, int]] = []
+    for f in sorted(folder.glob("part-*.npy")):
+        _, a, b = f.stem.split("-")
+        if out and int(a) < out[-1][1]:
+            f.unlink()  # overlaps a range before it: computed again
+            continue
+        out.append((int(a), int(b)))
+    return out
+
+
+# ---- the actor --------------------------------------------------------------------------------
+
+
+class RangeWorker:
+    """One actor of a step's pool: the step loaded once; each call runs input ranges and commits what they give.
+
+    mode "batch": the step's output, rejected and failed rows for the range, committed as Parquet shards.
+    mode "vectors": the step's `row_vectors` for the range, saved as one .npy file (a two-stage global step).
+    """
+
+    def __init__(self, *, mode: str, name: str, step_cls: type[Step], params: dict[str, Any], step_dir: str,
+                 index: list[tuple[str, int, int]], schema: bytes | None) -> None:  # fmt: skip
+        self.mode, self.name, self.step_dir = mode, name, Path(step_dir)
+        self.index = index
+        self.schema = pa.ipc.read_schema(pa.py_buffer(schema)) if schema is not None else None
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lock = threading.Lock()
+        # the pid is on disk before the model loads: an operator (or a test) can find and stop a worker mid-step
+        atomic_write_text(
+            self.step_dir / WORKERS / f"{self.id}.json",
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}),
+            fsync=False,
+        )
+        self.step = step_cls(**params)
+        self.step.workdir_ = self.step_dir
+        self.step.load()
+        self.step.begin()
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {k: [] for k in ("start", "end", "rows_out", "rows_rejected", "rows_failed", "schema")}
+        for start, end in zip(batch["start"], batch["end"], strict=True):
+            start, end = int(start), int(end)
+            table = read_rows(self.index, self.schema, start, end)
+            if table.num_rows != end - start:
+                raise StepError(f"step {self.name!r}: read {table.num_rows} input rows for [{start}, {end})")
+            if self.mode == "vectors":
+                self._save_vectors(start, end, self.step.row_vectors(table))  # type: ignore[attr-defined]
+                counts: tuple[int, int, int] = (end - start, 0, 0)
+                schema = b""
+            else:
+                res = apply_row_step(self.step, self.name, table)
+                self._save_metrics()  # before the shard: a crash may over-count one batch's usage, never under-count
+                commit_batch(self.step_dir, start, end, res)
+                counts = tuple(t.num_rows if t is not None else 0 for t in (res.output, res.rejected, res.failed))  # type: ignore[assignment]
+                schema = res.output.schema.serialize().to_pybytes()
+            for key, value in zip(("start", "end", "rows_out", "rows_rejected", "rows_failed", "schema"),
+                                  (start, end, *counts, schema), strict=True):  # fmt: skip
+                out[key].append(value)
+        return out
+
+    def _save_metrics(self) -> None:
+        with self.lock:
+            metrics = self.step.metrics()
+            if metrics:
+                path = self.step_dir / ACTOR_METRICS / f"{self.id}.json"
+                atomic_write_text(path, json.dumps(_jsonable(metrics)), fsync=False)
+
+    def _save_vectors(self, start: int, end: int, x: Any) -> None:
+        import numpy as np
+
+        self._save_metrics()
+        folder = self.step_dir / VECTORS
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / _range_name(start, end, ".npy")
+        tmp = folder / f".{final.name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(x, dtype=np.float32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+
+
+# ---- the runner -------------------------------------------------------------------------------
+
+
+class RayRunner(Runner):
+    """Runs a pipeline with its row steps on a Ray cluster; see the module docstring.
+
+    address: the cluster to join (None: $RAY_ADDRESS, else a local cluster sized to this machine, shut down at the
+    end). actors / num_cpus / num_gpus: each row step's actor pool (default: one actor per CPU of the cluster, or per
+    GPU for a step whose device is CUDA; 1 CPU each, 1 GPU for a CUDA step). steps: the same per step name.
+    """
+
+    def __init__(self, pipeline: Pipeline, run_dir: str | Path, *, fresh: bool = False, progress: bool = True,
+                 address: str | None = None, actors: int | None = None, num_cpus: float | None = None,
+                 num_gpus: float | None = None, steps: Mapping[str, Mapping[str, Any]] | None = None) -> None:  # fmt: skip
+        super().__init__(pipeline, run_dir, fresh=fresh, progress=progress)
+        self.address = address
+        self.defaults = {"actors": actors, "num_cpus": num_cpus, "num_gpus": num_gpus}
+        self.step_options = {k: dict(v) for k, v in (steps or {}).items()}
+        for name, opts in self.step_options.items():
+            if name not in pipeline.nodes:
+                raise PipelineError(f"ray options name step {name!r}, which is not in the pipeline: {list(pipeline.nodes)}")
+            unknown = sorted(set(opts) - set(_OPTION_KEYS))
+            if unknown:
+                raise PipelineError(f"ray options of step {name!r}: unknown {unknown}; valid: {list(_OPTION_KEYS)}")
+
+    def run(self) -> Any:
+        check_pipeline(self.pipeline)
+        for node in self.pipeline.nodes.values():  # refused before the cluster starts, not after the first steps
+            step = node.step
+            if (isinstance(step, (RowStep, Filter)) and step.kind == "row") or two_stage(step):
+                portable_params(node.name, step)
+        ray = _ray()
+        started = False
+        if not ray.is_initialized():
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=self.progress)
+            started = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the runner draws its own bar per step
+        try:
+            return super().run()
+        finally:
+            if started:
+                ray.shutdown()
+
+    # ---- dispatch ---------------------------------------------------------------------------------
+
+    def _execute(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
+        if isinstance(step, (RowStep, Filter)) and step.kind == "row":
+            self._run_row_step_on_cluster(name, step, parents, step_dir, rec)
+        elif two_stage(step):
+            import numpy as np
+
+            x = self._vectors_on_cluster(name, step, parents, step_dir)
+            step.preset_vectors_ = x  # type: ignore[attr-defined]  # the driver's part: index, search, grouping
+            try:
+                super()._execute(name, step, parents, step_dir, rec)
+            finally:
+                step.preset_vectors_ = None  # type: ignore[attr-defined]
+            if getattr(step, "store_vectors", False):  # as NearDedup stores them locally: rethreshold reads them
+                from thresher.filters.near_dedup import VECTORS_FILE
+
+                tmp = step_dir / f".{VECTORS_FILE}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as fh:
+                    np.save(fh, x)
+                os.replace(tmp, step_dir / VECTORS_FILE)
+        else:
+            super()._execute(name, step, parents, step_dir, rec)
+
+    def pool(self, name: str, step: Step, batches: int) -> dict[str, Any]:
+        """The actor pool of one step: actors, num_cpus and num_gpus per actor, calls per actor."""
+        opts = {k: v for k, v in self.defaults.items() if v is not None}
+        opts.update({k: v for k, v in self.step_options.get(name, {}).items() if v is not None})
+        num_gpus = opts.get("num_gpus")
+        if num_gpus is None and _wants_gpu(step):
+            num_gpus = 1.0
+        num_cpus = float(opts.get("num_cpus", 1.0))
+        actors = opts.get("actors")
+        if actors is None:
+            res = _ray().cluster_resources()
+            if num_gpus:
+                actors = int(res.get("GPU", 0) // num_gpus)
+            else:
+                actors = int(res.get("CPU", 1) // max(num_cpus, 1e-9))
+        actors = max(1, min(int(actors), batches))
+        return {"actors": actors, "num_cpus": num_cpus, "num_gpus": num_gpus or 0.0,
+                "calls": 2 if _remote_model(step) else 1}  # fmt: skip
+
+    def _map_ranges(self, mode: str, name: str, step: Step, todo: list[tuple[int, int]], src: Path,
+                    step_dir: Path) -> Iterator[dict[str, Any]]:  # fmt: skip
+        """Run `todo` through the step's actor pool; yields each range's result as it finishes (any order)."""
+        ray = _ray()
+        from ray.data import ActorPoolStrategy
+
+        pool = self.pool(name, step, len(todo))
+        params = share_limits(step, portable_params(name, step), pool["actors"])
+        index, schema = shard_index(src)
+        calls = pool["calls"]
+        strategy = ActorPoolStrategy(
+            size=pool["actors"], max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1 or None
+        )
+        ds = ray.data.from_items([{"start": a, "end": b} for a, b in todo])
+        ds = ds.map_batches(
+            RangeWorker,
+            batch_size=1,
+            compute=strategy,
+            num_cpus=pool["num_cpus"],
+            num_gpus=pool["num_gpus"] or None,
+            fn_constructor_kwargs={
+                "mode": mode, "name": name, "step_cls": type(step), "params": params, "step_dir": str(step_dir),
+                "index": index, "schema": schema.serialize().to_pybytes() if schema is not None else None,
+            },
+        )  # fmt: skip
+        self._say(f"{name}: {len(todo)} batches on {pool['actors']} Ray actor(s)")
+        yield from ds.iter_rows()
+
+    def _prior(self, step_dir: Path) -> dict[str, Any]:
+        """Metrics of every actor that ever worked on the step (and of a local attempt before them), summed."""
+        total: dict[str, Any] = {}
+        files = [step_dir / METRICS] if (step_dir / METRICS).is_file() else []
+        if (step_dir / ACTOR_METRICS).is_dir():
+            files += sorted((step_dir / ACTOR_METRICS).glob("*.json"))
+        for f in files:
+            try:
+                total = merge_metrics(total, json.loads(f.read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError):
+                continue  # a file cut by a crash (written without fsync): that actor's usage is not counted
+        return total
+
+    def _run_row_step_on_cluster(self, name: str, step: Step, parents: list[str], step_dir: Path,
+                                 rec: StepRecord) -> None:  # fmt: skip
+        src, total, _, _, todo = self._row_step_plan(step, parents, step_dir, rec)
+        bar = _progress(total, name, rec.resumed_from_row or 0, self.progress)
+        schema = _unified_schema(list_shards(step_dir / "output"))
+        if todo:
+            for r in self._map_ranges("batch", name, step, todo, src, step_dir):
+                start, end = int(r["start"]), int(r["end"])
+                try:
+                    schema = _check_batch_schema(name, schema, pa.ipc.read_schema(pa.py_buffer(r["schema"])), start, end)
+                except StepError:
+                    for side in ("output", "rejected", "failed"):  # committed by the worker: taken back
+                        (step_dir / side / _range_name(start, end, ".parquet")).unlink(missing_ok=True)
+                    raise
+                bar.update(end - start)
+        bar.close()
+        if not list_shards(step_dir / "output"):  # empty input: the (empty) output still has the step's columns
+            in_schema = _unified_schema(list_shards(src))
+            step.load()
+            step.begin()
+            empty = in_schema.empty_table() if in_schema is not None else pa.table({})
+            commit_batch(step_dir, 0, 0, apply_row_step(step, name, empty))
+        self._prior_metrics[name] = self._prior(step_dir)
+        rec.rows_in = total
+        rec.rows_out = _count_rows(step_dir / "output")
+        rec.rows_rejected = _count_rows(step_dir / "rejected")
+        rec.rows_failed = _count_rows(step_dir / "failed")
+
+    def _vectors_on_cluster(self, name: str, step: Step, parents: list[str], step_dir: Path) -> Any:
+        """The first stage of a two-stage step: every input row's vector, embedded by the step's actor pool."""
+        import numpy as np
+
+        src = self._parent_dir(parents[0])
+        total = _count_rows(src)
+        bs = max(1, int(getattr(step, "batch_size", 0) or 1024))
+        committed = _vector_ranges(step_dir / VECTORS)
+        todo = pending_ranges(committed, total, bs)
+        bar = _progress(total, f"{name} (vectors)", total - sum(b - a for a, b in todo), self.progress)
+        if todo:
+            for r in self._map_ranges("vectors", name, step, todo, src, step_dir):
+                bar.update(int(r["end"]) - int(r["start"]))
+        bar.close()
+        self._prior_metrics[name] = self._prior(step_dir)
+        files = sorted((step_dir / VECTORS).glob("part-*.npy")) if (step_dir / VECTORS).is_dir() else []
+        parts = [np.load(f) for f in files]
+        x = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        if len(x) != total:
+            raise StepError(f"step {name!r}: {len(x)} vectors for {total} rows in {step_dir / VECTORS}")
+        return x

@@ -1,0 +1,282 @@
+"""`runner: ray`: the same tables as the local runner, on a real local Ray cluster (one per module: 2 CPUs, one actor
+per pool), a worker killed mid-step and a killed driver losing no row; and, for both runners, resume keeping every
+committed batch when the committed ranges have gaps (the Ray runner's workers finish batches out of order)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from thresher.errors import ConfigError, PipelineError
+from thresher.pipelines import Pipeline
+from thresher.pipelines.runner import committed_ranges, list_shards, pending_ranges
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+from pipeline_steps import EvenOnly, Numbers, Square, count  # noqa: E402
+
+DATA = Path("../shared/data/self-instruct/user_oriented_instructions.jsonl")
+
+
+def three_steps(counters: Path | None = None, *, n: int = 100, sleep: float = 0.0) -> Pipeline:
+    c = str(counters) if counters is not None else None
+    return Numbers(n=n) >> Square(sleep=sleep, counter_dir=c) >> EvenOnly(counter_dir=c)
+
+
+def two_steps(counters: Path | None = None, *, n: int = 200, sleep: float = 0.0) -> Pipeline:
+    # the kill tests: one row step on the cluster (each pool's actors take seconds to start on 2 shared cores)
+    return Numbers(n=n) >> Square(sleep=sleep, counter_dir=str(counters) if counters is not None else None)
+
+
+def step_dir(run_dir: Path, name: str) -> Path:
+    return next((run_dir / "steps").glob(f"{name}-*"))
+
+
+def same_tables(a: Any, b: Any, steps: list[str]) -> None:
+    for s in steps:
+        for side in ("table", "rejected", "failed"):
+            ta, tb = getattr(a, side)(s), getattr(b, side)(s)
+            if "id" in ta.column_names:
+                ta, tb = ta.sort_by("id"), tb.sort_by("id")
+            assert ta.equals(tb), f"{s} {side} differs"
+
+
+# ---- resume with gaps (both runners) ----------------------------------------------------------------
+
+
+def test_pending_ranges_fill_every_gap() -> None:
+    assert pending_ranges([], 20, 8) == [(0, 8), (8, 16), (16, 20)]
+    assert pending_ranges([(10, 20), (40, 45)], 50, 8) == [(0, 8), (8, 10), (20, 28), (28, 36), (36, 40), (45, 50)]
+    assert pending_ranges([(0, 50)], 50, 8) == []
+
+
+def test_local_resume_keeps_committed_batches_after_a_gap(tmp_path: Path) -> None:
+    counters = tmp_path / "c"
+    counters.mkdir()
+    reference = three_steps().run(tmp_path / "ref", progress=False)
+    run_dir = tmp_path / "run"
+    three_steps(counters).run(run_dir, progress=False)
+    before = count(counters, "even_only")
+    # what a killed Ray run leaves: batches 1 and 4 of EvenOnly (16 rows each) not committed, the rest committed;
+    # batch 1 torn (its rejected shard written, its output shard not)
+    d = step_dir(run_dir, "even_only")
+    (d / "_done.json").unlink()
+    for a, b in ((16, 32), (64, 80)):
+        (d / "output" / f"part-{a:012d}-{b:012d}.parquet").unlink()
+    (d / "rejected" / f"part-{64:012d}-{80:012d}.parquet").unlink()
+    assert committed_ranges(d) == [(0, 16), (32, 48), (48, 64), (80, 96), (96, 100)]
+    assert not (d / "rejected" / f"part-{16:012d}-{32:012d}.parquet").exists()  # the torn commit went
+    resumed = three_steps(counters).run(run_dir, progress=False)
+    assert resumed.executed == ["even_only"]
+    assert count(counters, "even_only") - before == 32  # the two gaps, nothing else
+    assert resumed.steps["even_only"].resumed_from_row == 68
+    same_tables(resumed, reference, ["even_only"])
+    assert resumed.table("even_only").equals(reference.table("even_only"))  # in row order, not just the same rows
+
+
+# ---- a real local Ray cluster -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    """A local Ray cluster for this module (2 CPUs, 200 MB object store); its workers import the test steps."""
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    ray.init(num_cpus=2, object_store_memory=int(2e8), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})  # fmt: skip
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def test_recipe_under_ray_gives_the_local_tables(ray_cluster: str, llama_server: str, tmp_path: Path) -> None:
+    """Load -> TextStats (row step) -> LengthFilter -> Respond (llama.cpp server) -> NearDedup (global), twice."""
+
+    def recipe(cache: Path, runner: str) -> Pipeline:
+        text = f"""
+        name: ray-equivalence
+        runner: {runner}
+        ray: {{actors: 1}}
+        steps:
+          load: {{step: Load, params: {{path: {DATA.resolve()}, limit: 12}}}}
+          stats: {{step: TextStats, params: {{batch_size: 5}}}}
+          short: {{step: LengthFilter, params: {{field: instruction, max_chars: 180, batch_size: 4}}}}
+          respond:
+            step: Respond
+            params:
+              backend: {{kind: openai, base_url: "{llama_server}", model: smollm2, max_concurrency: 1, cache: "{cache}"}}
+              max_tokens: 12
+              temperature: 0.0
+              seed: 0
+              batch_size: 3
+          dedup: {{step: NearDedup, params: {{threshold: 0.6}}}}
+        """
+        return Pipeline.from_yaml(textwrap.dedent(text))
+
+    local = recipe(tmp_path / "local.sqlite", "local").run(tmp_path / "local", progress=False)
+    assert recipe(tmp_path / "x.sqlite", "ray").runner == "ray"
+    t0 = time.perf_counter()
+    on_ray = recipe(tmp_path / "ray.sqlite", "ray").run(tmp_path / "ray", progress=False)
+    print(f"ray run: {time.perf_counter() - t0:.1f}s")
+    steps = ["stats", "short", "respond", "dedup"]
+    same_tables(on_ray, local, steps)
+    assert local.rejected("short").num_rows > 0 and local.table("respond").num_rows > 0
+    # the model was asked on the cluster, not answered from the local run's cache
+    assert on_ray.metrics("respond")["requests"] == local.metrics("respond")["requests"] > 0
+    for s in steps:
+        a, b = on_ray.steps[s], local.steps[s]
+        assert (a.rows_in, a.rows_out, a.rows_rejected, a.rows_failed) == (b.rows_in, b.rows_out, b.rows_rejected,
+                                                                           b.rows_failed)
+    # row steps ran in actors (one pool each), NearDedup's vectors too; its index and grouping on the driver
+    for s in ("stats", "short", "respond", "dedup"):
+        assert list((step_dir(tmp_path / "ray", s) / "_workers").glob("*.json")), s
+    assert (step_dir(tmp_path / "ray", "dedup") / "vectors.npy").is_file()
+
+
+def _wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_worker_killed_mid_step_loses_no_row(ray_cluster: str, tmp_path: Path) -> None:
+    counters = tmp_path / "c"
+    counters.mkdir()
+    reference = two_steps().run(tmp_path / "ref", progress=False)
+    run_dir = tmp_path / "run"
+    pipe = two_steps(counters, sleep=0.25)
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            result["run"] = pipe.run(run_dir, progress=False, runner="ray")
+        except BaseException as e:  # surfaced below
+            result["error"] = e
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    _wait_for(lambda: (run_dir / "steps").is_dir() and any(
+        len(list_shards(d / "output")) >= 3 for d in (run_dir / "steps").glob("square-*")), 120, "3 committed batches")
+    d = step_dir(run_dir, "square")
+    workers = list((d / "_workers").glob("*.json"))
+    assert len(workers) == 1  # one actor in the pool
+    pid = json.loads(workers[0].read_text())["pid"]
+    committed_at_kill = len(list_shards(d / "output"))
+    os.kill(pid, signal.SIGKILL)
+    thread.join(300)
+    assert not thread.is_alive()
+    if "error" in result:
+        raise result["error"]
+    run = result["run"]
+    assert committed_at_kill < 20  # killed mid-step: 20 batches in all
+    assert len(list((d / "_workers").glob("*.json"))) >= 2  # Ray started a new actor, which took over
+    rec = run.steps["square"]
+    assert rec.rows_in == 200 and rec.rows_out == 200
+    assert rec.rows_rejected == rec.rows_failed == 0
+    assert run.table("square").equals(reference.table("square"))  # every row, in row order
+    # the killed actor's batch in flight was done again; nothing else
+    assert 200 <= count(counters, "square") <= 200 + 10
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import ray
+    ray.init(address={address!r}, runtime_env={{"env_vars": {{"PYTHONPATH": {tests!r}}}}}, log_to_driver=False)
+    from pipeline_steps import Numbers, Square
+    pipe = Numbers(n=200) >> Square(sleep=0.25, counter_dir={counters!r})
+    pipe.run({run!r}, progress=False, runner="ray")
+    """
+)
+
+
+def test_killed_driver_resumes(ray_cluster: str, tmp_path: Path) -> None:
+    counters = tmp_path / "c"
+    counters.mkdir()
+    reference = two_steps().run(tmp_path / "ref", progress=False)
+    run_dir = tmp_path / "run"
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER.format(tests=str(TESTS), address=ray_cluster, counters=str(counters), run=str(run_dir)))
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(TESTS)})
+    try:
+        _wait_for(lambda: proc.poll() is None and (run_dir / "steps").is_dir() and any(
+            len(list_shards(d / "output")) >= 4 for d in (run_dir / "steps").glob("square-*")), 180, "4 batches")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["steps"]["square"]["status"] == "running"
+    time.sleep(2)  # Ray stops the dead driver's actors; one may still commit the batch it was running
+    done_before = count(counters, "square")
+    resumed = two_steps(counters).run(run_dir, progress=False, runner="ray")
+    assert resumed.cached == ["numbers"]
+    kept = resumed.steps["square"].resumed_from_row
+    assert kept is not None and kept >= 40
+    assert count(counters, "square") - done_before == 200 - kept  # only the rows no committed batch covered
+    assert resumed.table("square").equals(reference.table("square"))
+
+
+def test_secrets_never_travel_to_the_cluster(tmp_path: Path) -> None:
+    import pickle
+
+    from thresher.generators import Respond
+    from thresher.llms.openai_compat import OpenAICompatible
+    from thresher.pipelines.ray_runner import RayRunner, portable_params
+
+    step = Respond(backend={"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, api_key="sk-secret")
+    with pytest.raises(ConfigError, match=r"step 'respond'.*api_key.*environment"):
+        portable_params("respond", step)
+    pipe = Numbers(n=3) >> step
+    with pytest.raises(ConfigError, match=r"api_key"):
+        RayRunner(pipe, tmp_path / "run", progress=False).run()  # refused before any cluster starts
+    backend = OpenAICompatible(base_url="http://127.0.0.1:9/v1", model="m", api_key="sk-secret")
+    assert b"sk-secret" not in pickle.dumps(backend)
+    assert b"sk-secret" not in pickle.dumps(portable_params("r", Respond(backend=backend)))
+
+
+def test_limits_are_divided_among_actors() -> None:
+    from thresher.generators import Respond
+    from thresher.llms.openai_compat import OpenAICompatible
+    from thresher.pipelines.ray_runner import portable_params, share_limits
+
+    spec = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "max_concurrency": 64, "rpm": 600}
+    step = Respond(backend=spec)
+    shared = share_limits(step, portable_params("r", step), 4)
+    assert shared["backend"]["max_concurrency"] == 16 and shared["backend"]["rpm"] == 150
+    assert step.backend["max_concurrency"] == 64  # the driver's step is left as it was
+    obj = OpenAICompatible(base_url="http://127.0.0.1:9/v1", model="m", max_concurrency=10, tpm=1000)
+    shared = share_limits(Respond(backend=obj), {"backend": obj}, 3)
+    assert (shared["backend"].max_concurrency, shared["backend"].tpm) == (3, 1000 / 3)
+    assert obj.max_concurrency == 10
+    # an in-process model is not shared: nothing to divide
+    assert share_limits(Respond(), {"backend": None}, 4) == {"backend": None}
+
+
+def test_runner_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="unknown runner 'spark'"):
+        three_steps().run(tmp_path / "a", runner="spark")
+    with pytest.raises(PipelineError, match="address names a Ray cluster"):
+        three_steps().run(tmp_path / "a", address="127.0.0.1:6379")
+    with pytest.raises(ConfigError, match=r"runner"):
+        Pipeline.from_yaml("runner: spark\nsteps:\n  n: {step: TextStats}\n")
+    p = Pipeline.from_yaml("runner: ray\nray: {actors: 2, steps: {n: {num_gpus: 1}}}\nsteps:\n  n: {step: TextStats}\n")
+    assert p.runner == "ray" and p.ray_options == {"actors": 2, "steps": {"n": {"num_gpus": 1.0}}}
+    again = Pipeline.from_yaml(p.to_yaml())
+    assert (again.runner, again.ray_options) == (p.runner, p.ray_options)
