@@ -20,6 +20,7 @@ _LAZY_COMMANDS = {
     "serve": ("thresher.llms.serve", "serve_command", "Serve the embedded model over an OpenAI-compatible API."),
     "eval": ("thresher.evaluation.cli", "eval_command", "Compare two models pairwise with a judge (AlpaGasus/Cherry)."),
     "learn": ("thresher.evaluation.cli", "learn_command", "Build a set, train on it, evaluate: a training recipe."),
+    "iterate": ("thresher.evaluation.cli", "iterate_command", "The data <-> training loop, round after round."),
 }
 
 

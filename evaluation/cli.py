@@ -108,3 +108,26 @@ def learn_command(recipe: Path, out: Path, max_steps: int | None) -> None:
     except ThresherError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(results, indent=1))
+
+
+@click.command("iterate", help=(
+    "Run the iterative data <-> training loop of a training recipe with an `iterate:` section: each round the "
+    "current model (the base, then the last round's adapter) answers in the data recipe's model steps, the curation "
+    "steps select, the trainer trains a new adapter, and it is compared with the model before; the loop stops early "
+    "when a round does not improve. Rounds live in OUT/round-<r>/; re-running the command resumes at the round and "
+    "step where it stopped. Summary: OUT/iterate.json."
+))  # fmt: skip
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--rounds", type=click.IntRange(min=1), required=True, help="Rounds at most.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The run directory.")
+def iterate_command(recipe: Path, rounds: int, out: Path) -> None:
+    from thresher.evaluation.iterate import iterate
+
+    try:
+        state = iterate(recipe, out, rounds=rounds, progress=True)
+    except ThresherError as exc:
+        raise click.ClickException(str(exc)) from None
+    for rec in state["rounds"]:
+        click.echo(f"round {rec['round']}: {rec['rows']} rows, {rec['comparison']}, "
+                   f"{'improved' if rec['improved'] else 'no improvement'}")  # fmt: skip
+    click.echo(f"best round: {state['best_round']}; stopped: {state['stopped']}")

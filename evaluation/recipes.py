@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from thresher.errors import ConfigError
+from thresher.evaluation.iterate import IterateSpec
 
 KINDS = ("sft", "weak_to_strong")
 
@@ -66,6 +67,8 @@ class TrainRecipe(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     weak_to_strong: WeakToStrongSpec | None = None
+    # The iterative loop (thresher iterate; see thresher.evaluation.iterate).
+    iterate: IterateSpec | None = None
 
 
 def load_train_recipe(path: str | Path, **overrides: Any) -> TrainRecipe:
@@ -164,8 +167,8 @@ def train_once(config: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
     config = {"progress_bar": False, "tensorboard": False, **config, "output_dir": str(output_dir)}
     res = train(config)
-    summary = {"steps": res.steps, "train_loss": res.train_loss, "eval_loss": res.eval_loss,
-               "adapter": str(res.adapter_dir)}  # fmt: skip
+    summary = {"steps": res.steps, "start_step": res.start_step, "train_loss": res.train_loss,
+               "eval_loss": res.eval_loss, "adapter": str(res.adapter_dir)}  # fmt: skip
     atomic_write_text(done, json.dumps(summary, indent=1))
     return summary
 

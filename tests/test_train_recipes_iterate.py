@@ -1,0 +1,96 @@
+"""The iterative loop at tiny size on the CPU: each round the current model (the base, then the previous round's
+adapter through the Transformers backend) answers, a filter curates, the trainer trains, held-out loss compares with
+the model before. Killed with SIGKILL in round 1's training, it resumes there (round 0 untouched, the trainer from its
+checkpoint); a round that does not improve stops the loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from thresher.errors import ConfigError
+from thresher.evaluation.iterate import iterate
+from thresher.trainer.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+DEMO = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "llama-factory-demo" / "alpaca_en_demo.json"
+
+
+def _recipe(tmp_path: Path, smol: Path, *, min_improvement: float, max_steps: int = 2) -> Path:
+    rows = json.loads(DEMO.read_text())
+    (tmp_path / "heldout.json").write_text(json.dumps(rows[300:302]))
+    data = {"name": "loop-data", "steps": {
+        "load": {"step": "Load", "params": {"path": str(DEMO), "limit": 3}},
+        "respond": {"step": "Respond", "params": {"max_tokens": 12, "temperature": 0.0}},
+        "curate": {"step": "LengthFilter", "params": {"min_chars": 1}},
+    }}  # fmt: skip
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))  # step order is DAG order
+    recipe = {"name": "loop", "data": "data.yaml",
+              "train": {"model": str(smol), "max_seq_len": 64, "micro_batch_tokens": 256, "lora_r": 4, "lora_alpha": 8,
+                        "lora_dropout": 0.0, "learning_rate": 2e-3, "warmup_ratio": 0.0, "max_steps": max_steps,
+                        "save_every": 1, "device": "cpu"},
+              "eval": {"heldout": "heldout.json"},
+              "iterate": {"model_steps": ["respond"], "min_improvement": min_improvement,
+                          "backend": {"device": "cpu"}}}  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_killed_loop_resumes_at_the_round_and_step(smol_hf_dir: Path, tmp_path: Path) -> None:
+    path = _recipe(tmp_path, smol_hf_dir, min_improvement=-100.0, max_steps=6)  # every round goes on
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = f"from thresher.evaluation.iterate import iterate; iterate({str(path)!r}, {str(run)!r}, rounds=2)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 600
+    while not list_checkpoints(run / "round-1" / "train"):
+        assert proc.poll() is None, "the loop ended before round 1 trained"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    round0 = run / "round-0" / "round.json"
+    first = round0.read_text()
+    assert not (run / "round-1" / "round.json").exists()
+    mtime = round0.stat().st_mtime_ns
+    state = iterate(path, run, rounds=2)
+    assert round0.stat().st_mtime_ns == mtime and round0.read_text() == first  # round 0 was not run again
+    r0, r1 = state["rounds"]
+    assert r1["train"]["start_step"] >= 1 and r1["train"]["steps"] == 6  # the trainer went on from its checkpoint
+    assert r1["made_by"] == r0["adapter"]  # round 1's data came from round 0's adapter
+    assert r1["previous_heldout_loss"] == r0["heldout_loss"]
+    assert state["best_round"] == 1 and state["stopped"] == "ran the 2 rounds asked for"
+    rows0 = json.loads((run / "round-0" / "train.json").read_text())
+    rows1 = json.loads((run / "round-1" / "train.json").read_text())
+    assert len(rows0) == len(rows1) == 3
+    assert [r["instruction"] for r in rows0] == [r["instruction"] for r in rows1]
+    assert json.loads((run / "iterate.json").read_text()) == state
+
+
+def test_a_round_that_does_not_improve_stops_the_loop(smol_hf_dir: Path, tmp_path: Path) -> None:
+    path = _recipe(tmp_path, smol_hf_dir, min_improvement=100.0)  # no round can gain 100 nats
+    state: dict[str, Any] = iterate(path, tmp_path / "run", rounds=3)
+    (r0,) = state["rounds"]
+    assert not r0["improved"] and r0["gain"] == pytest.approx(r0["previous_heldout_loss"] - r0["heldout_loss"])
+    assert state["best_round"] is None and state["stopped"].startswith("round 0 did not improve")
+    assert not (tmp_path / "run" / "round-1").exists()
+
+
+def test_iterate_checks_its_recipe(smol_hf_dir: Path, tmp_path: Path) -> None:
+    path = _recipe(tmp_path, smol_hf_dir, min_improvement=0.0)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["iterate"]["model_steps"] = ["answer"]
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"model_steps names \['answer'\], not steps of"):
+        iterate(path, tmp_path / "run", rounds=1)
