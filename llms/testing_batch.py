@@ -9,7 +9,8 @@ Upload limits are the server's `batch_max_requests` lines and `batch_max_bytes` 
 400, as OpenAI's API does). A job validates its file when created (JSON lines, unique custom_ids, method POST, url =
 the job's endpoint, a model in each body; otherwise it ends `failed` with the line numbers). It says `in_progress` to
 its first `batch_polls` - 1 status polls and finishes on the next one, as `batch_outcome` says: `completed` (every
-line answered), `expired` (the first half answered, the rest `batch_expired` error lines). A cancelled job ends
+line answered), `expired` (the first half answered, the rest `batch_expired` error lines), `failed` (none answered,
+as when the API refuses a file; the job's `errors` say why). A cancelled job ends
 `cancelled` with the first half answered. Each line is answered like an online request (scripted rules, the echo,
 `[[fail]]` -> a 500 error line, `[[400]]` -> a 400 error line); lines of a finished job count in `stats()["batch_lines"]`.
 Jobs and files outlive `reset()`, so a test can kill a client and start another that finds its jobs.
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-OUTCOMES = ("completed", "expired")
+OUTCOMES = ("completed", "expired", "failed")
 
 
 def parse_multipart(raw: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
@@ -163,6 +164,9 @@ class BatchDesk:
             job.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": mine["problems"]})
         elif mine["cancel"]:
             self._finish(job, "cancelled", answer)
+        elif mine["polls"] >= self.config.batch_polls and self.config.batch_outcome == "failed":
+            refused = [{"code": "injected", "line": None, "message": "the job failed (batch_outcome='failed')"}]
+            job.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": refused})
         elif mine["polls"] >= self.config.batch_polls:
             self._finish(job, self.config.batch_outcome, answer)
         else:

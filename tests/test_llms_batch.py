@@ -461,3 +461,39 @@ def test_max_cost_usd_stops_before_the_next_job(fault: FaultServer, tmp_path: Pa
     res = pipe(1.0).run(tmp_path / "run", progress=False)
     assert routes(fault)["POST /v1/batches"] == 1 and res.table("judge").num_rows == 20
     assert res.metrics("respond")["cost_usd"] == pytest.approx(respond_cost)
+
+
+@pytest.mark.parametrize("on_error", ["fail", "online"])
+def test_a_failed_job_fails_every_row_or_sends_them_online(
+    fault: FaultServer, tmp_path: Path, isolated_cache: Path, on_error: str
+) -> None:
+    fault.configure(batch_outcome="failed")
+    rows = write_rows(tmp_path / "rows.jsonl", 6)
+    res = respond_pipeline(rows, spec(fault, on_batch_error=on_error)).run(tmp_path / "run", progress=False)
+    if on_error == "fail":
+        errors = res.failed("respond").column("error").to_pylist()
+        assert len(errors) == 6 and all("(failed): the job failed: the job failed (batch_outcome='failed')" in e
+                                        for e in errors)  # fmt: skip
+    else:
+        assert res.table("respond").num_rows == 6 and routes(fault)["POST /v1/chat/completions"] == 6
+
+
+def test_the_server_validates_a_job_file_line_by_line(fault: FaultServer) -> None:
+    from thresher.llms.batch import BatchApi
+    from thresher.llms.limits import RetryPolicy
+
+    api = BatchApi(fault.base_url, None, None, RetryPolicy(0), 10.0)
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}  # fmt: skip
+    bad = [line, line, {**line, "custom_id": "b", "url": "/v1/completions"}, {**line, "custom_id": "c", "body": {}}]
+    up = api.upload("bad.jsonl", "".join(json.dumps(x) + "\n" for x in bad).encode() + b"not json\n")
+    job = api.json("POST", "/batches", {"input_file_id": up["id"], "endpoint": "/v1/chat/completions",
+                                        "completion_window": "24h"})  # fmt: skip
+    assert job["status"] == "validating"
+    done = api.json("GET", f"/batches/{job['id']}")
+    assert done["status"] == "failed"
+    assert [e["line"] for e in done["errors"]["data"]] == [2, 3, 4, 5]
+    assert "used twice" in done["errors"]["data"][0]["message"]
+    with pytest.raises(BackendError, match="completion_window must be '24h'"):
+        api.json("POST", "/batches", {"input_file_id": up["id"], "endpoint": "/v1/chat/completions",
+                                      "completion_window": "1h"})  # fmt: skip
