@@ -30,6 +30,7 @@ import inspect
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,11 +38,12 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from thresher.errors import BackendError, BatchPending, BudgetExceeded, ConfigError
 from thresher.llms import budget
 from thresher.llms.base import Usage
+from thresher.llms.cache import resolve_cache
 from thresher.llms.http import Transport, dumps, loads
 from thresher.llms.limits import RETRYABLE_STATUS, RetryPolicy, retry_after_seconds
 from thresher.llms.openai_compat import OpenAICompatible, _error_message, _Failed
@@ -117,8 +119,12 @@ class Ledger:
     Each event is one line, flushed and fsynced before the call that depends on it goes on; a torn last line (a kill
     while writing) is skipped on reading."""
 
+    _open: ClassVar[dict[tuple[str, int], Ledger]] = {}
+    _open_lock = threading.Lock()
+
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self.lock = threading.RLock()  # held while a job is submitted or collected
         self.records: dict[str, BatchRecord] = {}  # by file_id
         self.failed_: dict[str, str] = {}  # key -> why, over every collected job (asked once per request)
         if path is not None and path.is_file():
@@ -128,6 +134,18 @@ class Ledger:
                 except ValueError:
                     continue
                 self._apply(event)
+
+    @classmethod
+    def open(cls, path: Path | None) -> Ledger:
+        """The process's one instance for `path` (every backend of a step sees the jobs of the others at once);
+        without a path, a new ledger in memory."""
+        if path is None:
+            return cls(None)
+        key = (str(Path(path).resolve()), os.getpid())
+        with cls._open_lock:
+            if key not in cls._open:
+                cls._open[key] = cls(path)
+            return cls._open[key]
 
     def _apply(self, e: dict[str, Any]) -> None:
         kind = e.get("event")
@@ -155,14 +173,15 @@ class Ledger:
 
     def write(self, event: dict[str, Any]) -> None:
         event = {**event, "time": event.get("time", time.time())}
-        self._apply(event)
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        with self.lock:
+            self._apply(event)
+            if self.path is None:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def live(self) -> list[BatchRecord]:
         """Jobs submitted and not collected yet."""
@@ -366,7 +385,7 @@ class OpenAIBatch(OpenAICompatible):
 
     def load(self) -> OpenAIBatch:
         super().load()
-        if self._cache is None:
+        if resolve_cache(self.cache) is None:  # (not self._cache: another thread may be inside load() right now)
             raise ConfigError(
                 "OpenAIBatch: batch mode needs the request cache (the answers of a job come back through it); "
                 "drop cache=False / --no-cache / THRESHER_NO_CACHE, or use the online backend"
@@ -386,7 +405,7 @@ class OpenAIBatch(OpenAICompatible):
     def ledger(self) -> Ledger:
         if self.ledger_ is None:
             folder = self.folder()
-            self.ledger_ = Ledger(folder / LEDGER if folder is not None else None)
+            self.ledger_ = Ledger.open(folder / LEDGER if folder is not None else None)
         return self.ledger_
 
     def api(self) -> BatchApi:
@@ -434,21 +453,28 @@ class OpenAIBatch(OpenAICompatible):
 
     async def submit_and_wait(self, col: Collector) -> None:
         """Submit what `col` queued that is in no live job, then wait for every job holding a queued key."""
-        await asyncio.to_thread(self._adopt_orphans)
-        ledger = self.ledger()
-        live = {k: rec for rec in ledger.live() for k in rec.all_keys()}
-        wait = {id(live[line.keys[0]]): live[line.keys[0]] for line in col.pending.values() if line.keys[0] in live}
-        new = [line for line in col.pending.values() if line.keys[0] not in live]
-        if new:
-            if self.over_budget():
-                raise BudgetExceeded(
-                    f"{self.resolved_base_url} (model {self.model!r}): max_cost_usd={self.max_cost_usd} reached; "
-                    f"{len(new)} request(s) were not submitted as a batch job. Re-run with a larger budget to resume"
-                )
-            for rec in await asyncio.to_thread(self._submit, new):
-                wait[id(rec)] = rec
+        wait = await asyncio.to_thread(self._submit_missing, col)
         if wait:
-            await self._wait(list(wait.values()))
+            await self._wait(wait)
+
+    def _submit_missing(self, col: Collector) -> list[BatchRecord]:
+        # under the ledger's lock: two calls at once (a row step's two batches in flight) must neither take each
+        # other's fresh upload for an orphan nor both submit one request
+        ledger = self.ledger()
+        with ledger.lock:
+            self._adopt_orphans()
+            live = {k: rec for rec in ledger.live() for k in rec.all_keys()}
+            wait = {id(live[ln.keys[0]]): live[ln.keys[0]] for ln in col.pending.values() if ln.keys[0] in live}
+            new = [line for line in col.pending.values() if line.keys[0] not in live]
+            if new:
+                if self.over_budget():
+                    raise BudgetExceeded(
+                        f"{self.resolved_base_url} (model {self.model!r}): max_cost_usd={self.max_cost_usd} reached; "
+                        f"{len(new)} request(s) were not submitted as a batch job. Re-run with a larger budget to resume"
+                    )
+                for rec in self._submit(new):
+                    wait[id(rec)] = rec
+        return list(wait.values())
 
     def _submit(self, lines: list[Line]) -> list[BatchRecord]:
         by_path: dict[str, list[Line]] = {}
@@ -533,6 +559,8 @@ class OpenAIBatch(OpenAICompatible):
         """Look at a job once; collect it when it is finished. Returns whether it is."""
         ledger = self.ledger()
         assert rec.batch_id is not None
+        if rec.collected:  # by another call waiting on the same job
+            return True
         if rec.mode == "vllm-file":
             assert rec.output is not None
             out = Path(rec.output)
@@ -542,7 +570,9 @@ class OpenAIBatch(OpenAICompatible):
                     f"vllm.entrypoints.openai.run_batch -i {Path(rec.file_id).name} -o {out.name} --model {self.model}`, "
                     f"put {out.name} in {out.parent}, and run again to collect the answers"
                 )
-            self._collect(rec, "completed", out.read_bytes(), b"", None)
+            with ledger.lock:
+                if not rec.collected:
+                    self._collect(rec, "completed", out.read_bytes(), b"", None)
             return True
         job = self.api().json("GET", f"/batches/{rec.batch_id}")
         status = str(job.get("status"))
@@ -551,14 +581,17 @@ class OpenAIBatch(OpenAICompatible):
             ledger.write({"event": "status", "file_id": rec.file_id, "status": status, "counts": counts})
         if status not in FINAL:
             return False
-        api = self.api()
-        output = api.call("GET", f"/files/{job['output_file_id']}/content") if job.get("output_file_id") else b""
-        errors = api.call("GET", f"/files/{job['error_file_id']}/content") if job.get("error_file_id") else b""
-        why = None
-        if status == "failed":
-            msgs = [str(e.get("message")) for e in ((job.get("errors") or {}).get("data") or []) if isinstance(e, dict)]
-            why = "; ".join(msgs[:3]) or "no reason given"
-        self._collect(rec, status, output, errors, why)
+        with ledger.lock:
+            if rec.collected:
+                return True
+            api = self.api()
+            output = api.call("GET", f"/files/{job['output_file_id']}/content") if job.get("output_file_id") else b""
+            errors = api.call("GET", f"/files/{job['error_file_id']}/content") if job.get("error_file_id") else b""
+            why = None
+            if status == "failed":
+                msgs = [str(e.get("message")) for e in ((job.get("errors") or {}).get("data") or []) if isinstance(e, dict)]
+                why = "; ".join(msgs[:3]) or "no reason given"
+            self._collect(rec, status, output, errors, why)
         return True
 
     def _collect(self, rec: BatchRecord, status: str, output: bytes, errors: bytes, job_error: str | None) -> None:

@@ -497,3 +497,19 @@ def test_the_server_validates_a_job_file_line_by_line(fault: FaultServer) -> Non
     with pytest.raises(BackendError, match="completion_window must be '24h'"):
         api.json("POST", "/batches", {"input_file_id": up["id"], "endpoint": "/v1/chat/completions",
                                       "completion_window": "1h"})  # fmt: skip
+
+
+def test_two_calls_at_once_share_one_job(fault: FaultServer, tmp_path: Path, isolated_cache: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fault.configure(batch_polls=3)
+    b = make_backend(spec(fault, batch_dir=str(tmp_path / "b")))
+    convs = [[{"role": "user", "content": f"question {i}"}] for i in range(10)]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda c: b.chat(c, max_tokens=8), [convs, convs[5:]]))
+    assert [r.text for r in got[0]] == [f"reply to: question {i}" for i in range(10)]
+    assert [r.text for r in got[1]] == [f"reply to: question {i}" for i in range(5, 10)]
+    jobs = routes(fault)["POST /v1/batches"]
+    # the second call found its requests in the first call's job (or the other way round): each line asked once
+    assert fault.stats()["batch_lines"] == 10 and jobs in (1, 2)
+    assert b.usage.batch_requests == 10 and b.usage.prompt_tokens == 20
