@@ -86,7 +86,7 @@ class ModelStep:
             backend = self._build(param)
             if not callable(getattr(backend, _NEEDS[kind], None)):
                 raise ConfigError(f"{name}: {param} {backend!r} has no {_NEEDS[kind]}() method, which this step needs")
-            if getattr(backend, "batch", False) and not self.batch_api:
+            if callable(getattr(backend, "submit_and_wait", None)) and not self.batch_api:  # a Batch API backend
                 raise ConfigError(
                     f"{name}: {param} runs in Batch API mode (batch: {backend.batch!r}), which {name} cannot use: each of "
                     "its requests depends on the answers before it, so it would wait hours per request. Use the online "
