@@ -2,7 +2,8 @@
 
 1. Overhead: a cheap pipeline (Parquet input -> TextStats -> RegexFilter -> LengthFilter) over `--rows` rows (1M),
    run by the local runner and by the Ray runner (one actor per step on 2 CPUs, the cluster already up): the time
-   ratio ray / local, and the cluster's start time beside it.
+   ratio ray / local, the cluster's start time beside it, and per step the Ray runner's time to its first committed
+   batch (pool start: a worker process, imports, the step's load()) apart from its time from first to last batch.
 2. Scale-out of a model step: Respond against the fault server with a fixed latency (200 ms a request), run with 1, 2
    and 4 actors; each actor keeps `--per-actor` requests in flight (the spec's max_concurrency is divided among the
    actors). Reported: wall time, and the steady throughput (rows between the first and the last committed batch,
@@ -92,6 +93,12 @@ def main() -> None:
         print(f"\n1. cheap pipeline, {args.rows:,} rows, 3 row steps (1 actor per step)")
         print(f"   local runner {local_s:7.2f}s   ray runner {ray_s:7.2f}s   ratio ray/local {ray_s / local_s:.2f}x"
               f"   (Ray cluster start, not counted: {start_s:.1f}s)")
+        print(f"   {'step':14s} {'local s':>8s} {'ray s':>8s} {'ray: to 1st batch':>18s} {'ray: 1st to last':>17s}")
+        for name in ("text_stats", "regex_filter", "length_filter"):
+            rec = on_ray.steps[name]
+            times = sorted(p.stat().st_mtime for p in on_ray.output_dir(name).glob("part-*.parquet"))
+            print(f"   {name:14s} {local.steps[name].seconds:8.2f} {rec.seconds:8.2f} "
+                  f"{times[0] - rec.started_at:18.2f} {times[-1] - times[0]:17.2f}")
 
         prompts = work / "prompts.parquet"
         pq.write_table(pa.table({"id": [f"q{i}" for i in range(args.requests)],

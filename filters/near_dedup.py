@@ -178,6 +178,49 @@ def _ivf_pairs(
     return i[ok], j[ok]
 
 
+def sharded_pairs(vectors: np.ndarray, threshold: float, *, shards: int, seed: int = 0, threads: int | None = None,
+                  **search: Any) -> DuplicatePairs:  # fmt: skip
+    """The pairs within k-means clusters only, for inputs whose one index would not fit in memory (the semantic
+    dedup of NeMo Curator): the rows split into `shards` clusters (FAISS spherical k-means, seeded, trained on a
+    sample), and each cluster is searched on its own with `find_pairs` (`search`: its index options). A pair whose
+    rows fall in two clusters is not found; at a high threshold such pairs are rare, since a near duplicate is
+    nearly always closest to its twin's centroid. Work and index memory go with the largest cluster."""
+    faiss = faiss_module(threads)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = x.shape[0] if x.ndim == 2 else 0
+    k = max(1, min(int(shards), n // _TRAIN_PER_CELL or 1))
+    t0 = time.perf_counter()
+    if k > 1:
+        train_n = min(n, k * 256)
+        sample = x if train_n == n else x[np.sort(np.random.default_rng(seed).choice(n, train_n, replace=False))]
+        km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, max_points_per_centroid=256)
+        km.train(sample)
+        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        label = np.concatenate([np.argmax(x[a : a + _QUERY_BATCH] @ centroids.T, axis=1)
+                                for a in range(0, n, _QUERY_BATCH)]) if n else np.zeros(0, np.int64)  # fmt: skip
+    else:
+        label = np.zeros(n, dtype=np.int64)
+    cluster_s = time.perf_counter() - t0
+    src, dst, sims = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    sizes = np.bincount(label, minlength=k) if n else np.zeros(k, np.int64)
+    kinds: set[str] = set()
+    for c in range(k):
+        rows = np.flatnonzero(label == c)
+        p = find_pairs(x[rows], threshold, seed=seed, threads=threads, **search)
+        kinds.add(p.index)
+        src.append(rows[p.i])
+        dst.append(rows[p.j])
+        sims.append(p.sim)
+    i, j, sim = np.concatenate(src), np.concatenate(dst), np.concatenate(sims)
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    order = np.lexsort((hi, lo))  # the order find_pairs gives: by first row, then second
+    kind = "+".join(sorted(kinds)) or "flat"
+    stats: dict[str, Any] = {"index": kind, "rows": n, "shards": k,
+             "largest_shard": int(sizes.max()) if n else 0, "cluster_seconds": round(cluster_s, 3),
+             "pairs": len(lo)}  # fmt: skip
+    return DuplicatePairs(lo[order], hi[order], sim[order], float(threshold), kind, stats)
+
+
 def ivf_cells(n: int) -> int:
     """IVF cells for n rows: about 2 sqrt(n), at least 1."""
     return max(1, int(2 * math.sqrt(n)))
@@ -268,7 +311,8 @@ class NearDedup(EmbeddingStep, GlobalFilter):
     `find_pairs`); nlist/nprobe: IVF cells (None: about 2 sqrt(rows)) and the cells each row is compared with.
     grouping: "components" (chains join groups) or "greedy" (best first, a row goes
     only when a kept row is its duplicate). score: the column whose highest value survives a group (None: the first
-    row). seed: IVF training sample and k-means seed.
+    row). seed: IVF training sample and k-means seed. shards: for inputs too large for one index, split the rows
+    into this many k-means clusters and dedup within each (`sharded_pairs`; None: one index over all rows).
     """
 
     inputs = ()
@@ -292,6 +336,7 @@ class NearDedup(EmbeddingStep, GlobalFilter):
         grouping: str = "components",
         score: str | None = None,
         seed: int = 0,
+        shards: int | None = None,
         store_vectors: bool = runtime(True),
         threads: int | None = runtime(None),
         api_key: str | None = secret(),
@@ -311,6 +356,7 @@ class NearDedup(EmbeddingStep, GlobalFilter):
         self.grouping = grouping
         self.score = score
         self.seed = seed
+        self.shards = shards
         self.store_vectors = store_vectors
         self.threads = threads
         self.api_key = api_key
@@ -321,6 +367,12 @@ class NearDedup(EmbeddingStep, GlobalFilter):
     def reads(self) -> tuple[str, ...]:
         return (*self.vector_reads(), *((self.score,) if self.score else ()))
 
+    def semantic_params(self) -> dict[str, Any]:
+        params = super().semantic_params()
+        if params.get("shards") is None:  # unsharded: left out, so runs made before the option keep their fingerprints
+            params.pop("shards", None)
+        return params
+
     def check(self) -> None:
         name = type(self).__name__
         self.check_cosine("threshold")
@@ -329,6 +381,8 @@ class NearDedup(EmbeddingStep, GlobalFilter):
         if self.grouping not in GROUPINGS:
             raise ConfigError(f"{name}: unknown grouping {self.grouping!r}; valid: {list(GROUPINGS)}")
         self.check_positive("exact_below", "nprobe")
+        if self.shards is not None:
+            self.check_positive("shards")
         if self.nlist is not None and (isinstance(self.nlist, bool) or not isinstance(self.nlist, int) or self.nlist < 1):
             raise ConfigError(f"{name}: nlist must be a positive integer or None (about 2 sqrt(rows)), got {self.nlist!r}")
         if self.score is not None and (not isinstance(self.score, str) or not self.score):
@@ -342,10 +396,12 @@ class NearDedup(EmbeddingStep, GlobalFilter):
         x = self.row_vectors(table)
         embed_s = time.perf_counter() - t0
         self._store(x)
-        pairs = find_pairs(
-            x, float(self.threshold), index=self.index, exact_below=self.exact_below, nlist=self.nlist,
-            nprobe=self.nprobe, seed=self.seed, threads=self.threads,
-        )  # fmt: skip
+        search: dict[str, Any] = {"index": self.index, "exact_below": self.exact_below, "nlist": self.nlist,
+                                  "nprobe": self.nprobe, "seed": self.seed, "threads": self.threads}  # fmt: skip
+        if self.shards is not None:
+            pairs = sharded_pairs(x, float(self.threshold), shards=self.shards, **search)
+        else:
+            pairs = find_pairs(x, float(self.threshold), **search)
         g = group_rows(x, pairs, grouping=self.grouping, priority=None if scores is None else order_by_score(scores))
         ids = row_ids(table)
         t = self.threshold

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -163,8 +165,11 @@ def shard_index(folder: Path) -> tuple[list[tuple[str, int, int]], pa.Schema | N
     return index, _unified_schema(files)
 
 
-def read_rows(index: Sequence[tuple[str, int, int]], schema: pa.Schema | None, start: int, end: int) -> pa.Table:
-    """Rows [start, end) of the shards in `index`, reading only the row groups that hold them."""
+def read_rows(index: Sequence[tuple[str, int, int]], schema: pa.Schema | None, start: int, end: int,
+              last: dict[str, Any] | None = None) -> pa.Table:  # fmt: skip
+    """Rows [start, end) of the shards in `index`, reading only the row groups that hold them. `last` keeps the
+    row group read last, so the batches of one group that reach one actor in turn decode it once."""
+    last = {} if last is None else last
     parts = []
     for path, first, n in index:
         if first + n <= start or first >= end:
@@ -176,7 +181,10 @@ def read_rows(index: Sequence[tuple[str, int, int]], schema: pa.Schema | None, s
             m = pf.metadata.row_group(g).num_rows
             if at < b and at + m > a:
                 lo = max(a, at)
-                t = pf.read_row_group(g).slice(lo - at, min(b, at + m) - lo)
+                cached = last.get("group")  # one (key, table) item: threads of one actor may share `last`
+                if cached is None or cached[0] != (path, g):
+                    cached = last["group"] = ((path, g), pf.read_row_group(g))
+                t = cached[1].slice(lo - at, min(b, at + m) - lo)
                 parts.append(_conform(t, schema) if schema is not None else t)
             at += m
     if not parts:
@@ -218,6 +226,7 @@ class RangeWorker:
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema)) if schema is not None else None
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lock = threading.Lock()
+        self.last_group: dict[str, Any] = {}  # the input row group read last (read_rows)
         # the pid is on disk before the model loads: an operator (or a test) can find and stop a worker mid-step
         atomic_write_text(
             self.step_dir / WORKERS / f"{self.id}.json",
@@ -233,7 +242,7 @@ class RangeWorker:
         out: dict[str, list[Any]] = {k: [] for k in ("start", "end", "rows_out", "rows_rejected", "rows_failed", "schema")}
         for start, end in zip(batch["start"], batch["end"], strict=True):
             start, end = int(start), int(end)
-            table = read_rows(self.index, self.schema, start, end)
+            table = read_rows(self.index, self.schema, start, end, self.last_group)
             if table.num_rows != end - start:
                 raise StepError(f"step {self.name!r}: read {table.num_rows} input rows for [{start}, {end})")
             if self.mode == "vectors":
@@ -311,6 +320,8 @@ class RayRunner(Runner):
             started = True
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the runner draws its own bar per step
+        if not self.progress:  # quiet: Ray Data's plan and timing lines too
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         try:
             return super().run()
         finally:
@@ -325,19 +336,16 @@ class RayRunner(Runner):
         elif two_stage(step):
             import numpy as np
 
-            x = self._vectors_on_cluster(name, step, parents, step_dir)
-            step.preset_vectors_ = x  # type: ignore[attr-defined]  # the driver's part: index, search, grouping
+            path = self._vectors_on_cluster(name, step, parents, step_dir)
+            # the driver's part (index, search, grouping) reads the vectors memory-mapped: with `shards`, NearDedup
+            # holds one k-means cluster's vectors at a time, not all of them
+            step.preset_vectors_ = np.load(path, mmap_mode="r")  # type: ignore[attr-defined]
             try:
                 super()._execute(name, step, parents, step_dir, rec)
             finally:
                 step.preset_vectors_ = None  # type: ignore[attr-defined]
-            if getattr(step, "store_vectors", False):  # as NearDedup stores them locally: rethreshold reads them
-                from thresher.filters.near_dedup import VECTORS_FILE
-
-                tmp = step_dir / f".{VECTORS_FILE}.{os.getpid()}.tmp"
-                with open(tmp, "wb") as fh:
-                    np.save(fh, x)
-                os.replace(tmp, step_dir / VECTORS_FILE)
+            if not getattr(step, "store_vectors", False):  # as NearDedup keeps them locally, for rethreshold
+                path.unlink(missing_ok=True)
         else:
             super()._execute(name, step, parents, step_dir, rec)
 
@@ -429,12 +437,20 @@ class RayRunner(Runner):
         rec.rows_rejected = _count_rows(step_dir / "rejected")
         rec.rows_failed = _count_rows(step_dir / "failed")
 
-    def _vectors_on_cluster(self, name: str, step: Step, parents: list[str], step_dir: Path) -> Any:
-        """The first stage of a two-stage step: every input row's vector, embedded by the step's actor pool."""
+    def _vectors_on_cluster(self, name: str, step: Step, parents: list[str], step_dir: Path) -> Path:
+        """The first stage of a two-stage step: every input row's vector, embedded by the step's actor pool, then
+        gathered into one .npy file (`vectors.npy`, as NearDedup stores it) a range at a time; returns its path."""
         import numpy as np
+        from numpy.lib.format import open_memmap
+
+        from thresher.filters.near_dedup import VECTORS_FILE
 
         src = self._parent_dir(parents[0])
         total = _count_rows(src)
+        final = step_dir / VECTORS_FILE
+        if final.is_file() and len(np.load(final, mmap_mode="r")) == total:  # gathered before a crash: reused
+            self._prior_metrics[name] = self._prior(step_dir)
+            return final
         bs = max(1, int(getattr(step, "batch_size", 0) or 1024))
         committed = _vector_ranges(step_dir / VECTORS)
         todo = pending_ranges(committed, total, bs)
@@ -444,9 +460,21 @@ class RayRunner(Runner):
                 bar.update(int(r["end"]) - int(r["start"]))
         bar.close()
         self._prior_metrics[name] = self._prior(step_dir)
-        files = sorted((step_dir / VECTORS).glob("part-*.npy")) if (step_dir / VECTORS).is_dir() else []
-        parts = [np.load(f) for f in files]
-        x = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        if len(x) != total:
-            raise StepError(f"step {name!r}: {len(x)} vectors for {total} rows in {step_dir / VECTORS}")
-        return x
+        ranges = _vector_ranges(step_dir / VECTORS)
+        if sum(b - a for a, b in ranges) != total or (ranges and ranges[-1][1] != total):
+            raise StepError(f"step {name!r}: the vectors in {step_dir / VECTORS} cover {ranges}, not [0, {total})")
+        dim = np.load(step_dir / VECTORS / _range_name(*ranges[0], ".npy"), mmap_mode="r").shape[1] if ranges else 0
+        tmp = step_dir / f".{VECTORS_FILE}.{os.getpid()}.tmp"
+        out = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
+        for a, b in ranges:
+            out[a:b] = np.load(step_dir / VECTORS / _range_name(a, b, ".npy"))
+        out.flush()
+        del out
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # whole on disk before its name says so: a reused vectors.npy must not be a torn one
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        shutil.rmtree(step_dir / VECTORS, ignore_errors=True)  # all in vectors.npy now
+        return final

@@ -36,7 +36,9 @@ def three_steps(counters: Path | None = None, *, n: int = 100, sleep: float = 0.
 
 def two_steps(counters: Path | None = None, *, n: int = 200, sleep: float = 0.0) -> Pipeline:
     # the kill tests: one row step on the cluster (each pool's actors take seconds to start on 2 shared cores)
-    return Numbers(n=n) >> Square(sleep=sleep, counter_dir=str(counters) if counters is not None else None)
+    pipe = Numbers(n=n) >> Square(sleep=sleep, counter_dir=str(counters) if counters is not None else None)
+    pipe.ray_options = {"actors": 1}  # one actor per pool on 2 cores
+    return pipe
 
 
 def step_dir(run_dir: Path, name: str) -> Path:
@@ -199,6 +201,7 @@ _DRIVER = textwrap.dedent(
     ray.init(address={address!r}, runtime_env={{"env_vars": {{"PYTHONPATH": {tests!r}}}}}, log_to_driver=False)
     from pipeline_steps import Numbers, Square
     pipe = Numbers(n=200) >> Square(sleep=0.25, counter_dir={counters!r})
+    pipe.ray_options = {{"actors": 1}}
     pipe.run({run!r}, progress=False, runner="ray")
     """
 )
@@ -231,6 +234,28 @@ def test_killed_driver_resumes(ray_cluster: str, tmp_path: Path) -> None:
     assert kept is not None and kept >= 40
     assert count(counters, "square") - done_before == 200 - kept  # only the rows no committed batch covered
     assert resumed.table("square").equals(reference.table("square"))
+
+
+def test_cli_runner_ray(ray_cluster: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from thresher.cli import main
+    from thresher.pipelines.runner import open_run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: cli\nray: {{actors: 1}}\nsteps:\n  load: {{step: Load, params: {{path: {DATA.resolve()}, limit: 10}}}}\n"
+                      "  stats: {step: TextStats, params: {batch_size: 4}}\n")  # fmt: skip
+    cli = CliRunner()
+    bad = cli.invoke(main, ["run", str(recipe), "--out", str(tmp_path / "x"), "--address", "127.0.0.1:1"])
+    assert bad.exit_code == 2 and "--runner ray" in bad.output
+    for runner in ("local", "ray"):
+        res = cli.invoke(main, ["run", str(recipe), "--runner", runner, "--out", str(tmp_path / runner), "-q",
+                                "--no-report"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+    on_ray, local = open_run(tmp_path / "ray"), open_run(tmp_path / "local")
+    assert on_ray.table("stats").equals(local.table("stats"))
+    assert list((step_dir(tmp_path / "ray", "stats") / "_workers").glob("*.json"))
+    assert not (step_dir(tmp_path / "local", "stats") / "_workers").exists()
 
 
 def test_secrets_never_travel_to_the_cluster(tmp_path: Path) -> None:
