@@ -30,6 +30,30 @@ def heldout_loss(
     model: what the trainer takes ("bundled:smollm2", a model directory, a .gguf file); adapter: a peft adapter
     directory (`output_dir/adapter` of `thresher train`) put on it.
     """
+    return _heldout(model, dataset, adapter=adapter, max_rows=max_rows, max_seq_len=max_seq_len,
+                    micro_batch_tokens=micro_batch_tokens, device=device, per_row=False)[0][0]  # fmt: skip
+
+
+def heldout_row_losses(
+    model: str,
+    dataset: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    max_rows: int | None = None,
+    max_seq_len: int = 512,
+    device: str = "auto",
+) -> list[tuple[str, float, int]]:
+    """(row id, summed loss, answer tokens) per row: the parts of `heldout_loss` (sum of sums / sum of tokens), for
+    paired bootstrap confidence intervals between two models on the same rows."""
+    got = _heldout(model, dataset, adapter=adapter, max_rows=max_rows, max_seq_len=max_seq_len,
+                   micro_batch_tokens=max_seq_len, device=device, per_row=True)  # fmt: skip
+    return [(str(row_id), total, n) for total, n, row_id in got]
+
+
+def _heldout(
+    model: str, dataset: str | Path, *, adapter: str | Path | None, max_rows: int | None, max_seq_len: int,
+    micro_batch_tokens: int, device: str, per_row: bool,
+) -> list[tuple[float, int, str]]:  # fmt: skip
     import torch
 
     from thresher.trainer import sft
@@ -60,4 +84,10 @@ def heldout_loss(
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     loss_fn = functools.partial(sft._loss_sum, attn=attn, dtype=dtype, fast_head=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return float(sft._evaluate(net, examples, cfg, pad_id, dev, autocast, loss_fn))
+    if not per_row:
+        return [(float(sft._evaluate(net, examples, cfg, pad_id, dev, autocast, loss_fn)), 0, "")]
+    out = []
+    for ex in examples:  # one at a time: each row's own sum (packing makes a batch of one example exactly that row)
+        mean = float(sft._evaluate(net, [ex], cfg, pad_id, dev, autocast, loss_fn))
+        out.append((mean * ex.n_supervised, ex.n_supervised, ex.row_id))
+    return out

@@ -9,7 +9,7 @@ A training recipe (`thresher.evaluation.recipes`) with an `iterate:` section:
       min_improvement: 0.0     # a round must beat the previous model by more than this, or the loop stops
       backend: {dtype: float32, max_length: 1024}   # extra Transformers arguments for the current model
 
-Round r (0-based) runs in `round-<r>/`: the data recipe with the model steps' backend set to the current model (the
+Round r (0-based) runs in `round-<r>/` (a pipeline run, with its report.html): the data recipe with the model steps' backend set to the current model (the
 base in round 0, then the previous round's adapter, served by the Transformers backend, which merges it at load),
 `train.json`, `train/` (a fresh adapter on the base, trained on this round's curated rows, as STaR restarts from the
 base each iteration), and `round.json` (the comparison). `iterate.json` holds every finished round, the best round
@@ -90,6 +90,9 @@ def iterate(recipe: Any, run_dir: str | Path, *, rounds: int, progress: bool = F
     state = {"name": recipe.name, "rounds": done, "best_round": best,
              "best_adapter": done[best]["adapter"] if best is not None else None, "stopped": stopped}  # fmt: skip
     atomic_write_text(state_path, json.dumps(state, indent=1))
+    from thresher.evaluation.recipes import write_run_report
+
+    write_run_report(run / f"round-{done[-1]['round']}")  # the last round's report also shows every round
     return state
 
 
@@ -107,7 +110,7 @@ def _round(recipe: Any, spec: IterateSpec, data: dict[str, Any], folder: Path, r
         round_data["steps"][name].setdefault("params", {})["backend"] = current
     pipeline = recipe_from_text(yaml.safe_dump(round_data, sort_keys=False, allow_unicode=True),
                                 source=f"{recipe.data} (round {r})", base_dir=Path(recipe.data).parent)  # fmt: skip
-    rows = build_rows(pipeline, folder / "data", folder / "train.json", progress=progress)
+    rows = build_rows(pipeline, folder, folder / "train.json", progress=progress)
     trained = train_once({**recipe.train, "dataset": str(folder / "train.json")}, folder / "train")
     record: dict[str, Any] = {"round": r, "rows": rows, "train": trained, "adapter": trained["adapter"],
                               "made_by": "base" if adapter is None else adapter}  # fmt: skip

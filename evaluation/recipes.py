@@ -16,9 +16,10 @@ Kinds:
   prompts' gold answers. Performance is the negated held-out loss on `eval.heldout` (gold answers), so the performance
   gap recovered is PGR = (student - weak) / (ceiling - weak) = (loss_weak - loss_student) / (loss_weak - loss_ceiling).
 
-Layout of the run directory: `data/` (the pipeline run), `train.json`, `train/` (the trainer's output_dir),
+Layout of the run directory: the data pipeline's run (manifest, steps/), `train.json`, `train/` (the trainer's output_dir),
 for weak_to_strong `weak/`, `weak_labels.json`, `student/`, `ceiling/`, and `results.json`. Each training leaves a
 `_done.json` and is not run again; a killed training resumes from its last checkpoint; the pipeline resumes as usual.
+`report.html`, the run report, adds an Evaluation section (held-out losses, PGR, pairwise counts) to the pipeline's.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def run_train_recipe(recipe: TrainRecipe | str | Path, run_dir: str | Path, *, p
     if not isinstance(recipe, TrainRecipe):
         recipe = load_train_recipe(recipe)
     run = Path(run_dir)
-    rows = build_rows(load_recipe(recipe.data), run / "data", run / "train.json", progress=progress)
+    rows = build_rows(load_recipe(recipe.data), run, run / "train.json", progress=progress)
     if recipe.kind == "weak_to_strong":
         results = _weak_to_strong(recipe, run, rows)
     else:
@@ -140,7 +141,22 @@ def run_train_recipe(recipe: TrainRecipe | str | Path, run_dir: str | Path, *, p
             results["pairwise"] = _pairwise(recipe, trained["adapter"], run / "eval")
     results["name"] = recipe.name
     atomic_write_text(run / "results.json", json.dumps(results, indent=1))
+    write_run_report(run)
     return results
+
+
+def write_run_report(run: Path) -> Path | None:
+    """The run report (report.html) with the training curves and the evaluation; a report that cannot be written is
+    logged, never fails the run that made the results."""
+    import logging
+
+    try:
+        from thresher.report import write_report
+
+        return write_report(run)
+    except Exception as e:  # the results are written; the report is only a view of them
+        logging.getLogger("thresher.evaluation").warning("run report of %s not written: %s: %s", run, type(e).__name__, e)
+        return None
 
 
 def build_rows(pipeline: Any, run_dir: Path, out: Path, *, progress: bool = False) -> int:

@@ -441,3 +441,30 @@ def collect_training(run_dir: Path) -> list[Training]:
         if train or ev:
             out.append(Training(str(path.relative_to(run_dir)), train, ev))
     return out
+
+
+@dataclass
+class Evaluation:
+    """What `thresher.evaluation` wrote under the run directory: pairwise counts (`eval.json`), a training recipe's
+    held-out losses and PGR (`results.json`), the iterative loop's rounds (`iterate.json`)."""
+
+    pairwise: list[tuple[str, dict[str, Any]]]  # (path relative to the run directory, eval.json's content)
+    results: dict[str, Any] | None
+    rounds: dict[str, Any] | None
+
+
+def collect_evaluation(run_dir: Path) -> Evaluation | None:
+    def load(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    pairwise = [(str(p.relative_to(run_dir)), d) for p in sorted(run_dir.rglob("eval.json"))
+                if isinstance(d := load(p), dict) and "sets" in d]  # fmt: skip
+    # a round of the iterative loop is a run of its own inside the loop's directory, which holds iterate.json
+    results, rounds = load(run_dir / "results.json"), load(run_dir / "iterate.json") or load(run_dir.parent / "iterate.json")
+    if not pairwise and not isinstance(results, dict) and not isinstance(rounds, dict):
+        return None
+    return Evaluation(pairwise, results if isinstance(results, dict) else None,
+                      rounds if isinstance(rounds, dict) else None)  # fmt: skip

@@ -258,6 +258,35 @@ def build_report(run_dir: str | os.PathLike[str]) -> str:
 
     page.guarded("training", "Training", training)
 
+    def evaluation() -> str | None:
+        ev = C.collect_evaluation(Path(run.run_dir))
+        if ev is None:
+            return None
+        out = []
+        res = ev.results or {}
+        if res.get("heldout_loss"):
+            rows = [[_e(k), f"{v:.4f}"] for k, v in res["heldout_loss"].items() if isinstance(v, (int, float))]
+            out.append("<p>Held-out loss (mean over answer tokens; lower is better).</p>" + _table(["model", "loss"], rows, "num"))
+        if "pgr" in res:
+            pgr = res["pgr"]
+            out.append(f"<p>Performance gap recovered: <b>{_e(f'{pgr:.3f}' if isinstance(pgr, (int, float)) else 'n/a')}"
+                       "</b> = (loss<sub>weak</sub> − loss<sub>student</sub>) / (loss<sub>weak</sub> − loss<sub>ceiling</sub>).</p>")
+        for path, d in ev.pairwise:
+            rows = [[_e(s.get("name")), _num(s.get("n")), _num(s.get("wins")), _num(s.get("ties")), _num(s.get("losses")),
+                     _num(s.get("failed")), f"{s['winning_score']:.3f}" if s.get("winning_score") is not None else "–"]
+                    for s in d.get("sets", [])]  # fmt: skip
+            out.append(f"<p><code>{_e(path)}</code>: {_e(d.get('model_a'))} against {_e(d.get('model_b'))}, judged in "
+                       "both orders; winning score = (wins − losses) / n + 1.</p>"
+                       + _table(["set", "n", "win", "tie", "loss", "failed", "winning score"], rows, "num"))
+        if ev.rounds:
+            rows = [[_num(r.get("round")), _num(r.get("rows")), _e(r.get("comparison")), _e("yes" if r.get("improved") else "no")]
+                    for r in ev.rounds.get("rounds", [])]  # fmt: skip
+            out.append(f"<p>Iterative loop: best round {_e(ev.rounds.get('best_round'))}; "
+                       f"{_e(ev.rounds.get('stopped'))}.</p>" + _table(["round", "rows", "comparison", "improved"], rows))
+        return "".join(out) or None
+
+    page.guarded("evaluation", "Evaluation", evaluation)
+
     nav = "".join(f'<a href="#{sid}">{_e(_NAV.get(sid, title))}</a>' for sid, title, _ in page.sections)
     body = "".join(f'<section id="{sid}"><h2>{_e(title)}</h2>{content}</section>' for sid, title, content in page.sections)
     versions = man.get("versions") or {}

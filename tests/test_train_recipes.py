@@ -106,6 +106,8 @@ def test_explanation_tuning_recipe_builds_explained_rows_and_trains(fault: Fault
     from thresher.trainer.chat import row_to_messages
 
     assert row_to_messages(rows[0])[0] == {"role": "system", "content": rows[0]["system"]}
+    page = (tmp_path / "run" / "report.html").read_text()  # the run report shows the training and the evaluation
+    assert "Evaluation" in page and f"{trained:.4f}" in page and "train/metrics.jsonl" in page
     # a second run pays for nothing: the pipeline is cached, the training done
     requests = fault.stats()["total"]
     again = run_train_recipe(path, tmp_path / "run")
@@ -127,6 +129,8 @@ def test_weak_to_strong_recipe_reports_pgr(fault: FaultServer, smol_hf_dir: Path
     assert res["pgr"] == pgr(loss["weak"], loss["student"], loss["ceiling"])
     print(json.dumps(loss), res["pgr"])
     assert json.loads((run / "results.json").read_text())["pgr"] == res["pgr"]
+    page = (run / "report.html").read_text()
+    assert "Performance gap recovered" in page and f"{loss['ceiling']:.4f}" in page
 
 
 def test_pgr_formula() -> None:

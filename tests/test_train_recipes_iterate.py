@@ -30,8 +30,8 @@ def _recipe(tmp_path: Path, smol: Path, *, min_improvement: float, max_steps: in
     rows = json.loads(DEMO.read_text())
     (tmp_path / "heldout.json").write_text(json.dumps(rows[300:302]))
     data = {"name": "loop-data", "steps": {
-        "load": {"step": "Load", "params": {"path": str(DEMO), "limit": 3}},
-        "respond": {"step": "Respond", "params": {"max_tokens": 12, "temperature": 0.0}},
+        "load": {"step": "Load", "params": {"path": str(DEMO), "limit": 2}},
+        "respond": {"step": "Respond", "params": {"max_tokens": 8, "temperature": 0.0}},
         "curate": {"step": "LengthFilter", "params": {"min_chars": 1}},
     }}  # fmt: skip
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))  # step order is DAG order
@@ -48,7 +48,7 @@ def _recipe(tmp_path: Path, smol: Path, *, min_improvement: float, max_steps: in
 
 
 def test_killed_loop_resumes_at_the_round_and_step(smol_hf_dir: Path, tmp_path: Path) -> None:
-    path = _recipe(tmp_path, smol_hf_dir, min_improvement=-100.0, max_steps=6)  # every round goes on
+    path = _recipe(tmp_path, smol_hf_dir, min_improvement=-100.0, max_steps=3)  # every round goes on
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     code = f"from thresher.evaluation.iterate import iterate; iterate({str(path)!r}, {str(run)!r}, rounds=2)"
@@ -67,15 +67,17 @@ def test_killed_loop_resumes_at_the_round_and_step(smol_hf_dir: Path, tmp_path: 
     state = iterate(path, run, rounds=2)
     assert round0.stat().st_mtime_ns == mtime and round0.read_text() == first  # round 0 was not run again
     r0, r1 = state["rounds"]
-    assert r1["train"]["start_step"] >= 1 and r1["train"]["steps"] == 6  # the trainer went on from its checkpoint
+    assert r1["train"]["start_step"] >= 1 and r1["train"]["steps"] == 3  # the trainer went on from its checkpoint
     assert r1["made_by"] == r0["adapter"]  # round 1's data came from round 0's adapter
     assert r1["previous_heldout_loss"] == r0["heldout_loss"]
     assert state["best_round"] == 1 and state["stopped"] == "ran the 2 rounds asked for"
     rows0 = json.loads((run / "round-0" / "train.json").read_text())
     rows1 = json.loads((run / "round-1" / "train.json").read_text())
-    assert len(rows0) == len(rows1) == 3
+    assert len(rows0) == len(rows1) == 2
     assert [r["instruction"] for r in rows0] == [r["instruction"] for r in rows1]
     assert json.loads((run / "iterate.json").read_text()) == state
+    page = (run / "round-1" / "report.html").read_text()  # the last round's report shows every round
+    assert "Iterative loop: best round 1" in page and r0["comparison"] in page
 
 
 def test_a_round_that_does_not_improve_stops_the_loop(smol_hf_dir: Path, tmp_path: Path) -> None:
