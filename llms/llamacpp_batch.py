@@ -240,50 +240,47 @@ class BatchedDecoder:
                         self._finish_error(seq, e)
 
     def _step(self) -> None:
-        lc, batch = self._lc, self._batch
-        n = 0
-        outputs: list[tuple[_Seq, int]] = []
-
-        def put(token: int, pos: int, sid: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = pos
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = sid
-            batch.logits[n] = 1 if logits else 0
-            n += 1
-
-        # generating sequences first: one token each, so no sequence waits behind a long prompt
-        for seq in self._active:
-            if seq.next_token is not None:
-                put(seq.next_token, seq.pos, seq.sid, True)
-                outputs.append((seq, n - 1))
+        """One prompt chunk (of the oldest sequence still reading its prompt), then one token of every generating
+        sequence. Prompts are decoded alone, in the chunks llama-cpp-python uses, and generating tokens only with
+        each other: llama.cpp splits a batch that mixes them into uneven pieces whose matmuls round differently,
+        and a sequence's text would then depend on what else was in flight."""
+        prefilling = next((q for q in self._active if q.fed < len(q.req.tokens)), None)
+        generating = [q for q in self._active if q.next_token is not None]
+        if prefilling is not None:
+            seq = prefilling
+            prompt = seq.req.tokens
+            chunk = prompt[seq.fed : seq.fed + self.n_batch]
+            done = seq.fed + len(chunk) == len(prompt)
+            for j, tok in enumerate(chunk):
+                self._put(j, tok, seq.pos + j, seq.sid, done and j == len(chunk) - 1)
+            self._decode(len(chunk))
+            seq.fed += len(chunk)
+            seq.pos += len(chunk)
+            if done:
+                self._take_token(seq, len(chunk) - 1)
+        if generating:
+            for j, seq in enumerate(generating):
+                self._put(j, seq.next_token, seq.pos, seq.sid, True)  # type: ignore[arg-type]
+            self._decode(len(generating))
+            for j, seq in enumerate(generating):
                 seq.pos += 1
                 seq.next_token = None
-        for seq in self._active:
-            left = self.n_batch - n
-            if left <= 0:
-                break
-            prompt = seq.req.tokens
-            if seq.fed >= len(prompt):
-                continue
-            chunk = prompt[seq.fed : seq.fed + left]
-            for j, tok in enumerate(chunk):
-                last = seq.fed + j == len(prompt) - 1
-                put(tok, seq.pos, seq.sid, last)
-                seq.pos += 1
-            seq.fed += len(chunk)
-            if seq.fed == len(prompt):
-                outputs.append((seq, n - 1))
-        if n == 0:
-            return
-        batch.n_tokens = n
-        rc = lc.llama_decode(self._ctx, batch)
+                self._take_token(seq, j)
+
+    def _put(self, j: int, token: int, pos: int, sid: int, logits: bool) -> None:
+        b = self._batch
+        b.token[j] = token
+        b.pos[j] = pos
+        b.n_seq_id[j] = 1
+        b.seq_id[j][0] = sid
+        b.logits[j] = 1 if logits else 0
+
+    def _decode(self, n: int) -> None:
+        self._batch.n_tokens = n
+        rc = self._lc.llama_decode(self._ctx, self._batch)
         self.steps += 1
         if rc != 0:
             raise BackendError(f"llama_decode returned {rc} for a batch of {n} tokens ({len(self._active)} sequences)")
-        for seq, i in outputs:
-            self._take_token(seq, i)
 
     def _take_token(self, seq: _Seq, i: int) -> None:
         lc = self._lc
