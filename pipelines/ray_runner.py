@@ -13,8 +13,9 @@ were in flight. Ray restarts a dead actor and retries its batch, which is writte
 
 Model steps keep thresher's own client inside each actor: retries, rate limits, structured output, the request
 cache (a SQLite file per node). `max_concurrency`, `rpm` and `tpm` are divided among a step's actors
-(`share_limits`), so the pool as a whole keeps the limits one process would. An actor of a remote-model step runs two
-batches at once, so its request window stays full across batch boundaries, as `batches_in_flight()` does locally.
+(`share_limits`), so the pool as a whole keeps the limits one process would. Each actor takes two batches at once:
+one's reading and committing overlap the other's compute, and a remote-model step computes both at once, so its
+request window stays full across batch boundaries, as `batches_in_flight()` does locally.
 
 Global steps with a parallel part run in two stages: NearDedup's vectors are embedded by an actor pool (ranges
 committed as `.npy` files under `_vectors/`, resumable the same way), then the search and grouping run on the driver.
@@ -28,6 +29,7 @@ folder (local disk for a one-machine cluster, NFS or another shared mount for se
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -60,6 +62,7 @@ from thresher.pipelines.runner import (
     atomic_write_text,
     check_pipeline,
     commit_batch,
+    committed_ranges,
     list_shards,
     merge_metrics,
     pending_ranges,
@@ -220,12 +223,16 @@ class RangeWorker:
     """
 
     def __init__(self, *, mode: str, name: str, step_cls: type[Step], params: dict[str, Any], step_dir: str,
-                 index: list[tuple[str, int, int]], schema: bytes | None) -> None:  # fmt: skip
+                 index: list[tuple[str, int, int]], schema: bytes | None, parallel: bool = False) -> None:  # fmt: skip
         self.mode, self.name, self.step_dir = mode, name, Path(step_dir)
         self.index = index
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema)) if schema is not None else None
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lock = threading.Lock()
+        # Two calls run at once in an actor, so one batch's reading and committing overlap the other's compute (as
+        # the local runner's prefetch and writer threads do). A step computes one batch at a time, as it does
+        # locally, unless it says it may take several (`parallel`: a remote-model step, see batches_in_flight).
+        self.compute = contextlib.nullcontext() if parallel else threading.Lock()
         self.last_group: dict[str, Any] = {}  # the input row group read last (read_rows)
         # the pid is on disk before the model loads: an operator (or a test) can find and stop a worker mid-step
         atomic_write_text(
@@ -239,26 +246,36 @@ class RangeWorker:
         self.step.begin()
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {k: [] for k in ("start", "end", "rows_out", "rows_rejected", "rows_failed", "schema")}
+        keys = ("start", "end", "rows_out", "rows_rejected", "rows_failed", "schema", "error")
+        out: dict[str, list[Any]] = {k: [] for k in keys}
         for start, end in zip(batch["start"], batch["end"], strict=True):
             start, end = int(start), int(end)
-            table = read_rows(self.index, self.schema, start, end, self.last_group)
-            if table.num_rows != end - start:
-                raise StepError(f"step {self.name!r}: read {table.num_rows} input rows for [{start}, {end})")
-            if self.mode == "vectors":
-                self._save_vectors(start, end, self.step.row_vectors(table))  # type: ignore[attr-defined]
-                counts: tuple[int, int, int] = (end - start, 0, 0)
-                schema = b""
-            else:
-                res = apply_row_step(self.step, self.name, table)
-                self._save_metrics()  # before the shard: a crash may over-count one batch's usage, never under-count
-                commit_batch(self.step_dir, start, end, res)
-                counts = tuple(t.num_rows if t is not None else 0 for t in (res.output, res.rejected, res.failed))  # type: ignore[assignment]
-                schema = res.output.schema.serialize().to_pybytes()
-            for key, value in zip(("start", "end", "rows_out", "rows_rejected", "rows_failed", "schema"),
-                                  (start, end, *counts, schema), strict=True):  # fmt: skip
+            try:
+                row = self._one(start, end)
+            except Exception as e:  # handed to the driver whole: Ray's wrappers would keep only its text
+                row = (start, end, 0, 0, 0, b"", _pickled_error(e))
+            for key, value in zip(keys, row, strict=True):
                 out[key].append(value)
         return out
+
+    def _one(self, start: int, end: int) -> tuple[Any, ...]:
+        table = read_rows(self.index, self.schema, start, end, self.last_group)
+        if table.num_rows != end - start:
+            raise StepError(f"step {self.name!r}: read {table.num_rows} input rows for [{start}, {end})")
+        if self.mode == "vectors":
+            with self.compute:
+                x = self.step.row_vectors(table)  # type: ignore[attr-defined]
+            self._save_vectors(start, end, x)
+            counts: tuple[int, int, int] = (end - start, 0, 0)
+            schema = b""
+        else:
+            with self.compute:
+                res = apply_row_step(self.step, self.name, table)
+            self._save_metrics()  # before the shard: a crash may over-count one batch's usage, never under-count
+            commit_batch(self.step_dir, start, end, res)
+            counts = tuple(t.num_rows if t is not None else 0 for t in (res.output, res.rejected, res.failed))  # type: ignore[assignment]
+            schema = res.output.schema.serialize().to_pybytes()
+        return (start, end, *counts, schema, b"")
 
     def _save_metrics(self) -> None:
         with self.lock:
@@ -280,6 +297,38 @@ class RangeWorker:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+
+
+def _pickled_error(e: Exception) -> bytes:
+    import pickle
+
+    try:
+        data = pickle.dumps(e)
+        pickle.loads(data)
+        return data
+    except Exception:  # an exception that does not survive pickling: its type and text, which is what a run shows
+        return pickle.dumps(StepError(f"{type(e).__name__}: {e}"))
+
+
+def _raise_error(result: Mapping[str, Any]) -> None:
+    """Raise, on the driver, the exception a worker's step raised for this range (as a local run would)."""
+    if result.get("error"):
+        import pickle
+
+        raise pickle.loads(result["error"])
+
+
+def _step_error(e: BaseException) -> BaseException:
+    """The exception a step raised in a worker, out of Ray's wrappers (Ray Data's UserCodeException, RayTaskError)."""
+    seen: set[int] = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError keeps the worker's exception here
+        if isinstance(cause, BaseException):
+            e = cause
+        elif type(e).__name__ == "UserCodeException" and e.__cause__ is not None:
+            e = e.__cause__
+    return e
 
 
 # ---- the runner -------------------------------------------------------------------------------
@@ -350,7 +399,8 @@ class RayRunner(Runner):
             super()._execute(name, step, parents, step_dir, rec)
 
     def pool(self, name: str, step: Step, batches: int) -> dict[str, Any]:
-        """The actor pool of one step: actors, num_cpus and num_gpus per actor, calls per actor."""
+        """The actor pool of one step: actors, num_cpus and num_gpus per actor, and whether an actor may compute
+        two batches at once (a remote-model step)."""
         opts = {k: v for k, v in self.defaults.items() if v is not None}
         opts.update({k: v for k, v in self.step_options.get(name, {}).items() if v is not None})
         num_gpus = opts.get("num_gpus")
@@ -365,8 +415,7 @@ class RayRunner(Runner):
             else:
                 actors = int(res.get("CPU", 1) // max(num_cpus, 1e-9))
         actors = max(1, min(int(actors), batches))
-        return {"actors": actors, "num_cpus": num_cpus, "num_gpus": num_gpus or 0.0,
-                "calls": 2 if _remote_model(step) else 1}  # fmt: skip
+        return {"actors": actors, "num_cpus": num_cpus, "num_gpus": num_gpus or 0.0, "parallel": _remote_model(step)}
 
     def _map_ranges(self, mode: str, name: str, step: Step, todo: list[tuple[int, int]], src: Path,
                     step_dir: Path) -> Iterator[dict[str, Any]]:  # fmt: skip
@@ -377,10 +426,7 @@ class RayRunner(Runner):
         pool = self.pool(name, step, len(todo))
         params = share_limits(step, portable_params(name, step), pool["actors"])
         index, schema = shard_index(src)
-        calls = pool["calls"]
-        strategy = ActorPoolStrategy(
-            size=pool["actors"], max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1 or None
-        )
+        strategy = ActorPoolStrategy(size=pool["actors"], max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
         ds = ray.data.from_items([{"start": a, "end": b} for a, b in todo])
         ds = ds.map_batches(
             RangeWorker,
@@ -391,10 +437,17 @@ class RayRunner(Runner):
             fn_constructor_kwargs={
                 "mode": mode, "name": name, "step_cls": type(step), "params": params, "step_dir": str(step_dir),
                 "index": index, "schema": schema.serialize().to_pybytes() if schema is not None else None,
+                "parallel": pool["parallel"],
             },
         )  # fmt: skip
         self._say(f"{name}: {len(todo)} batches on {pool['actors']} Ray actor(s)")
-        yield from ds.iter_rows()
+        try:
+            yield from ds.iter_rows()
+        except Exception as e:
+            inner = _step_error(e)
+            if inner is e:
+                raise
+            raise inner from e  # the message a local run gives, not Ray's wrapper around it
 
     def _prior(self, step_dir: Path) -> dict[str, Any]:
         """Metrics of every actor that ever worked on the step (and of a local attempt before them), summed."""
@@ -411,12 +464,13 @@ class RayRunner(Runner):
 
     def _run_row_step_on_cluster(self, name: str, step: Step, parents: list[str], step_dir: Path,
                                  rec: StepRecord) -> None:  # fmt: skip
-        src, total, _, _, todo = self._row_step_plan(step, parents, step_dir, rec)
+        src, total, bs, _, todo = self._row_step_plan(step, parents, step_dir, rec)
         bar = _progress(total, name, rec.resumed_from_row or 0, self.progress)
         schema = _unified_schema(list_shards(step_dir / "output"))
         if todo:
             for r in self._map_ranges("batch", name, step, todo, src, step_dir):
                 start, end = int(r["start"]), int(r["end"])
+                _raise_error(r)
                 try:
                     schema = _check_batch_schema(name, schema, pa.ipc.read_schema(pa.py_buffer(r["schema"])), start, end)
                 except StepError:
@@ -424,6 +478,9 @@ class RayRunner(Runner):
                         (step_dir / side / _range_name(start, end, ".parquet")).unlink(missing_ok=True)
                     raise
                 bar.update(end - start)
+            left = pending_ranges(committed_ranges(step_dir), total, bs)
+            if left:  # every range came back, yet some are not on disk: another process deleted them
+                raise StepError(f"step {name!r}: input rows {left[:5]} have no committed batch after the run")
         bar.close()
         if not list_shards(step_dir / "output"):  # empty input: the (empty) output still has the step's columns
             in_schema = _unified_schema(list_shards(src))
@@ -457,6 +514,7 @@ class RayRunner(Runner):
         bar = _progress(total, f"{name} (vectors)", total - sum(b - a for a, b in todo), self.progress)
         if todo:
             for r in self._map_ranges("vectors", name, step, todo, src, step_dir):
+                _raise_error(r)
                 bar.update(int(r["end"]) - int(r["start"]))
         bar.close()
         self._prior_metrics[name] = self._prior(step_dir)

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from thresher.errors import ConfigError, PipelineError
-from thresher.pipelines import Pipeline
+from thresher.errors import ConfigError, PipelineError, StepError
+from thresher.pipelines import Pipeline, RowStep, runtime
 from thresher.pipelines.runner import committed_ranges, list_shards, pending_ranges
 
 TESTS = Path(__file__).parent
@@ -190,7 +190,7 @@ def test_worker_killed_mid_step_loses_no_row(ray_cluster: str, tmp_path: Path) -
     assert rec.rows_rejected == rec.rows_failed == 0
     assert run.table("square").equals(reference.table("square"))  # every row, in row order
     # the killed actor's batch in flight was done again; nothing else
-    assert 200 <= count(counters, "square") <= 200 + 10
+    assert 200 <= count(counters, "square") <= 200 + 20  # two batches in flight in the actor at most
 
 
 _DRIVER = textwrap.dedent(
@@ -256,6 +256,32 @@ def test_cli_runner_ray(ray_cluster: str, tmp_path: Path) -> None:
     assert on_ray.table("stats").equals(local.table("stats"))
     assert list((step_dir(tmp_path / "ray", "stats") / "_workers").glob("*.json"))
     assert not (step_dir(tmp_path / "local", "stats") / "_workers").exists()
+
+
+class Boom(RowStep):
+    """Fails its batch when the batch holds row `bad` (a bug in a step, raised in a worker)."""
+
+    inputs = ("id",)
+    outputs = ("ok",)
+
+    def __init__(self, *, bad: str = "row10", batch_size: int = runtime(10)):
+        self.bad, self.batch_size = bad, batch_size
+
+    def map_batch(self, batch: Any) -> dict[str, Any]:
+        ids = batch.column("id").to_pylist()
+        if self.bad in ids:
+            raise ValueError(f"{self.bad} is bad")
+        return {"ok": [True] * len(ids)}
+
+
+def test_a_step_error_in_a_worker_fails_the_run_with_its_own_message(ray_cluster: str, tmp_path: Path) -> None:
+    pipe = Numbers(n=30) >> Boom()
+    pipe.ray_options = {"actors": 1}
+    with pytest.raises(StepError, match=r"step 'boom' \(Boom\) failed: row10 is bad$"):
+        pipe.run(tmp_path / "run", progress=False, runner="ray")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["steps"]["boom"]["status"] == "failed"
+    assert manifest["steps"]["boom"]["error"] == "ValueError: row10 is bad"
 
 
 def test_secrets_never_travel_to_the_cluster(tmp_path: Path) -> None:
