@@ -240,10 +240,16 @@ class RangeWorker:
             json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}),
             fsync=False,
         )
-        self.step = step_cls(**params)
-        self.step.workdir_ = self.step_dir
-        self.step.load()
-        self.step.begin()
+        # A step that cannot be built or loaded (a bad parameter, a missing model) would fail the same way on every
+        # actor restart: the error goes to the driver with the first batch, whole, as a local run raises it.
+        self.load_error: Exception | None = None
+        try:
+            self.step = step_cls(**params)
+            self.step.workdir_ = self.step_dir
+            self.step.load()
+            self.step.begin()
+        except Exception as e:
+            self.load_error = e
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[Any]]:
         keys = ("start", "end", "rows_out", "rows_rejected", "rows_failed", "schema", "error")
@@ -251,6 +257,8 @@ class RangeWorker:
         for start, end in zip(batch["start"], batch["end"], strict=True):
             start, end = int(start), int(end)
             try:
+                if self.load_error is not None:
+                    raise self.load_error
                 row = self._one(start, end)
             except Exception as e:  # handed to the driver whole: Ray's wrappers would keep only its text
                 row = (start, end, 0, 0, 0, b"", _pickled_error(e))

@@ -274,6 +274,13 @@ class Boom(RowStep):
         return {"ok": [True] * len(ids)}
 
 
+class BadLoad(Boom):
+    """A step whose model cannot load on the workers (the driver never loads a row step under runner: ray)."""
+
+    def load(self) -> None:
+        raise FileNotFoundError("no model at /models/missing")
+
+
 def test_a_step_error_in_a_worker_fails_the_run_with_its_own_message(ray_cluster: str, tmp_path: Path) -> None:
     pipe = Numbers(n=30) >> Boom()
     pipe.ray_options = {"actors": 1}
@@ -282,6 +289,11 @@ def test_a_step_error_in_a_worker_fails_the_run_with_its_own_message(ray_cluster
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["steps"]["boom"]["status"] == "failed"
     assert manifest["steps"]["boom"]["error"] == "ValueError: row10 is bad"
+    # a load() that fails on the workers fails the run with its own message too
+    pipe = Numbers(n=30) >> BadLoad()
+    pipe.ray_options = {"actors": 1}
+    with pytest.raises(StepError, match=r"step 'bad_load' \(BadLoad\) failed: no model at /models/missing$"):
+        pipe.run(tmp_path / "run2", progress=False, runner="ray")
 
 
 def test_secrets_never_travel_to_the_cluster(tmp_path: Path) -> None:
