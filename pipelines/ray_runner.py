@@ -416,8 +416,14 @@ class RayRunner(Runner):
             num_gpus = 1.0
         num_cpus = float(opts.get("num_cpus", 1.0))
         actors = opts.get("actors")
+        res = _ray().cluster_resources()
+        for what, need in (("GPU", num_gpus or 0.0), ("CPU", num_cpus)):
+            if need > res.get(what, 0.0):  # Ray would wait for such a node for ever
+                raise ConfigError(
+                    f"step {name!r}: an actor needs {need:g} {what}(s) but the Ray cluster has "
+                    f"{res.get(what, 0.0):g} in all; set its ray options (num_gpus / num_cpus) or add nodes"
+                )
         if actors is None:
-            res = _ray().cluster_resources()
             if num_gpus:
                 actors = int(res.get("GPU", 0) // num_gpus)
             else:

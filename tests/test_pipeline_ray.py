@@ -296,6 +296,13 @@ def test_a_step_error_in_a_worker_fails_the_run_with_its_own_message(ray_cluster
         pipe.run(tmp_path / "run2", progress=False, runner="ray")
 
 
+def test_an_actor_the_cluster_cannot_place_is_an_error(ray_cluster: str, tmp_path: Path) -> None:
+    pipe = two_steps(n=20)
+    pipe.ray_options = {"steps": {"square": {"num_gpus": 1}}}  # the test cluster has no GPU
+    with pytest.raises(ConfigError, match=r"step 'square': an actor needs 1 GPU\(s\) but the Ray cluster has 0"):
+        pipe.run(tmp_path / "run", progress=False, runner="ray")
+
+
 def test_secrets_never_travel_to_the_cluster(tmp_path: Path) -> None:
     import pickle
 
