@@ -296,6 +296,22 @@ def test_a_step_error_in_a_worker_fails_the_run_with_its_own_message(ray_cluster
         pipe.run(tmp_path / "run2", progress=False, runner="ray")
 
 
+def test_two_actors_keep_the_steps_max_concurrency_together(ray_cluster: str, fault: Any, tmp_path: Path) -> None:
+    from thresher.generators import Respond
+
+    fault.configure(latency=0.2)
+    spec = {"kind": "openai", "base_url": fault.base_url, "model": "fake", "max_concurrency": 4, "cache": False}
+    pipe = Numbers(n=64) >> Respond(backend=spec, max_tokens=8, batch_size=8)
+    pipe.ray_options = {"actors": 2, "num_cpus": 0.5}
+    res = pipe.run(tmp_path / "run", progress=False, runner="ray")
+    stats = fault.stats()
+    assert res.steps["respond"].rows_out == 64 and stats["total"] == 64
+    assert len(list((step_dir(tmp_path / "run", "respond") / "_workers").glob("*.json"))) == 2
+    # 2 in flight per actor (4 divided by 2), two batches at once in each actor sharing that window: never above 4
+    assert 3 <= stats["peak_in_flight"] <= 4, stats["peak_in_flight"]
+    assert res.metrics("respond")["requests"] == 64  # both actors' usage, summed
+
+
 def test_an_actor_the_cluster_cannot_place_is_an_error(ray_cluster: str, tmp_path: Path) -> None:
     pipe = two_steps(n=20)
     pipe.ray_options = {"steps": {"square": {"num_gpus": 1}}}  # the test cluster has no GPU
