@@ -167,3 +167,11 @@ def _write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "t.txt"
     p.write_text(text)
     return p
+
+
+def test_commands_have_help() -> None:
+    top = CliRunner().invoke(main, ["--help"])
+    for cmd in ("eval", "learn", "iterate"):
+        assert cmd in top.output
+        res = CliRunner().invoke(main, [cmd, "--help"])
+        assert res.exit_code == 0 and "Usage" in res.output
