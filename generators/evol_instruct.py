@@ -339,20 +339,52 @@ class EvolInstruct(ModelStep, Generator):
         state = checkpoint.state or {"round": 1, "next": 0}
         if checkpoint.rows:
             self._restore(current, checkpoint.output())
+        for round_, a, b, nxt in self.batch_plan(len(roots), state):
+            yield self._batch(*self._evolve(templates, roots[a:b], current, round_), nxt)
+
+    # ---- row-parallel rounds (the Ray runner: a round's batches on many workers) ------------------------
+
+    def batch_plan(self, n: int, state: Mapping[str, Any] | None = None) -> list[tuple[int, int, int, dict[str, int]]]:
+        """The batches left from `state` (a committed batch's state; None: the start) over `n` input rows, in commit
+        order: (round, first row, end row, the state after it). The batches of one round are independent of each
+        other: each evolves its own rows from their versions after the round before."""
+        state = state or {"round": 1, "next": 0}
         round_, start = int(state["round"]), int(state["next"])
+        plan = []
         while round_ <= self.rounds:
-            for a in range(start, len(roots), self.batch_size):
-                b = min(a + self.batch_size, len(roots))
-                out, rejected, failed = self._evolve(templates, roots[a:b], current, round_)
-                nxt = {"round": round_, "next": b} if b < len(roots) else {"round": round_ + 1, "next": 0}
-                yield GeneratedBatch(
-                    output=pa.Table.from_pylist(out, schema=ROW_SCHEMA),
-                    rejected=rejected or None,
-                    failed=failed or None,
-                    state=nxt,
-                    candidates=len(out) + len(rejected) + len(failed),
-                )
+            for a in range(start, n, self.batch_size):
+                b = min(a + self.batch_size, n)
+                plan.append((round_, a, b, {"round": round_, "next": b} if b < n else {"round": round_ + 1, "next": 0}))
             round_, start = round_ + 1, 0
+        return plan
+
+    def round_inputs(self, tables: list[pa.Table], committed: pa.Table, round_: int) -> Any:
+        """What every batch of `round_` starts from: the lineage roots and their versions committed before it."""
+        templates = self._templates()
+        self.markers_ = prompt_markers([templates[n].text for n in templates if n != "equality"])
+        roots = self._roots(tables[0])
+        current = {r["id"]: r for r in roots}
+        if committed.num_rows and "evol_round" in committed.column_names:
+            import pyarrow.compute as pc
+
+            self._restore(current, committed.filter(pc.less(committed.column("evol_round"), round_)))
+        return templates, roots, current
+
+    def evolve_batch(self, prepared: Any, round_: int, a: int, b: int, state: dict[str, int]) -> GeneratedBatch:
+        """Batch [a, b) of `round_` from `round_inputs`: what `generate_batches` yields for it."""
+        templates, roots, current = prepared
+        return self._batch(*self._evolve(templates, roots[a:b], current, round_), state)
+
+    @staticmethod
+    def _batch(out: list[dict[str, Any]], rejected: list[dict[str, Any]], failed: list[dict[str, Any]],
+               state: dict[str, int]) -> GeneratedBatch:  # fmt: skip
+        return GeneratedBatch(
+            output=pa.Table.from_pylist(out, schema=ROW_SCHEMA),
+            rejected=rejected or None,
+            failed=failed or None,
+            state=state,
+            candidates=len(out) + len(rejected) + len(failed),
+        )
 
     def _roots(self, table: pa.Table) -> list[dict[str, Any]]:
         """The input rows as lineage roots (canonical columns only), with their ids; ids must be unique."""

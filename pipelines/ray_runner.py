@@ -67,7 +67,7 @@ from thresher.pipelines.runner import (
     merge_metrics,
     pending_ranges,
 )
-from thresher.pipelines.step import Filter, RowStep, Step
+from thresher.pipelines.step import Checkpoint, Filter, GeneratedBatch, Generator, RowStep, Step
 
 WORKERS = "_workers"  # one file per actor started for the step: its process id and node (ops, and the kill tests)
 ACTOR_METRICS = "_metrics"  # one file per actor: its step's metrics as of its last committed batch
@@ -145,6 +145,14 @@ def _wants_gpu(step: Step) -> bool:
     return any(isinstance(d, str) and d.startswith("cuda") for d in devices)
 
 
+def parallel_rounds(step: Step) -> bool:
+    """Whether the step is a generator whose rounds are row-parallel (EvolInstruct: `batch_plan`, `round_inputs`,
+    `evolve_batch`), so the cluster makes each round's batches."""
+    return isinstance(step, Generator) and all(
+        callable(getattr(step, m, None)) for m in ("batch_plan", "round_inputs", "evolve_batch")
+    )
+
+
 def two_stage(step: Step) -> bool:
     """Whether the step is a global step whose vectors the cluster computes (NearDedup embedding its text)."""
     from thresher.filters.embedding import EmbeddingStep
@@ -215,25 +223,18 @@ def _vector_ranges(folder: Path) -> list[tuple[int, int]]:
 # ---- the actor --------------------------------------------------------------------------------
 
 
-class RangeWorker:
-    """One actor of a step's pool: the step loaded once; each call runs input ranges and commits what they give.
+class _StepWorker:
+    """What every actor of a step's pool does once: note its process, rebuild the step, load it."""
 
-    mode "batch": the step's output, rejected and failed rows for the range, committed as Parquet shards.
-    mode "vectors": the step's `row_vectors` for the range, saved as one .npy file (a two-stage global step).
-    """
-
-    def __init__(self, *, mode: str, name: str, step_cls: type[Step], params: dict[str, Any], step_dir: str,
-                 index: list[tuple[str, int, int]], schema: bytes | None, parallel: bool = False) -> None:  # fmt: skip
-        self.mode, self.name, self.step_dir = mode, name, Path(step_dir)
-        self.index = index
-        self.schema = pa.ipc.read_schema(pa.py_buffer(schema)) if schema is not None else None
+    def __init__(self, *, name: str, step_cls: type[Step], params: dict[str, Any], step_dir: str,
+                 parallel: bool = False) -> None:  # fmt: skip
+        self.name, self.step_dir = name, Path(step_dir)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lock = threading.Lock()
         # Two calls run at once in an actor, so one batch's reading and committing overlap the other's compute (as
         # the local runner's prefetch and writer threads do). A step computes one batch at a time, as it does
         # locally, unless it says it may take several (`parallel`: a remote-model step, see batches_in_flight).
         self.compute = contextlib.nullcontext() if parallel else threading.Lock()
-        self.last_group: dict[str, Any] = {}  # the input row group read last (read_rows)
         # the pid is on disk before the model loads: an operator (or a test) can find and stop a worker mid-step
         atomic_write_text(
             self.step_dir / WORKERS / f"{self.id}.json",
@@ -250,6 +251,28 @@ class RangeWorker:
             self.step.begin()
         except Exception as e:
             self.load_error = e
+
+    def _save_metrics(self) -> None:
+        with self.lock:
+            metrics = self.step.metrics()
+            if metrics:
+                path = self.step_dir / ACTOR_METRICS / f"{self.id}.json"
+                atomic_write_text(path, json.dumps(_jsonable(metrics)), fsync=False)
+
+
+class RangeWorker(_StepWorker):
+    """One actor of a step's pool: the step loaded once; each call runs input ranges and commits what they give.
+
+    mode "batch": the step's output, rejected and failed rows for the range, committed as Parquet shards.
+    mode "vectors": the step's `row_vectors` for the range, saved as one .npy file (a two-stage global step).
+    """
+
+    def __init__(self, *, mode: str, index: list[tuple[str, int, int]], schema: bytes | None, **kw: Any) -> None:
+        self.mode = mode
+        self.index = index
+        self.schema = pa.ipc.read_schema(pa.py_buffer(schema)) if schema is not None else None
+        self.last_group: dict[str, Any] = {}  # the input row group read last (read_rows)
+        super().__init__(**kw)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[Any]]:
         keys = ("start", "end", "rows_out", "rows_rejected", "rows_failed", "schema", "error")
@@ -285,13 +308,6 @@ class RangeWorker:
             schema = res.output.schema.serialize().to_pybytes()
         return (start, end, *counts, schema, b"")
 
-    def _save_metrics(self) -> None:
-        with self.lock:
-            metrics = self.step.metrics()
-            if metrics:
-                path = self.step_dir / ACTOR_METRICS / f"{self.id}.json"
-                atomic_write_text(path, json.dumps(_jsonable(metrics)), fsync=False)
-
     def _save_vectors(self, start: int, end: int, x: Any) -> None:
         import numpy as np
 
@@ -305,6 +321,49 @@ class RangeWorker:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+
+
+class RoundWorker(_StepWorker):
+    """One actor of a generator with row-parallel rounds (EvolInstruct): each call makes one batch of a round from
+    the versions committed before that round, and hands it to the driver, which commits the batches in order."""
+
+    def __init__(self, *, inputs: list[str], **kw: Any) -> None:
+        from thresher.pipelines.runner import read_folder
+
+        self.tables = [read_folder(Path(p)) for p in inputs]
+        self.prepared: tuple[int, Any] | None = None
+        super().__init__(**kw)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[Any]]:
+        import pickle
+
+        out: dict[str, list[Any]] = {"number": [], "batch": [], "error": []}
+        for number, round_, a, b, state in zip(batch["number"], batch["round"], batch["a"], batch["b"], batch["state"],
+                                               strict=True):  # fmt: skip
+            made, error = b"", b""
+            try:
+                if self.load_error is not None:
+                    raise self.load_error
+                made = pickle.dumps(self._one(int(round_), int(a), int(b), json.loads(state)))
+            except Exception as e:
+                error = _pickled_error(e)
+            out["number"].append(int(number))
+            out["batch"].append(made)
+            out["error"].append(error)
+        return out
+
+    def _one(self, round_: int, a: int, b: int, state: dict[str, int]) -> Any:
+        from thresher.pipelines.runner import read_folder
+
+        with self.lock:  # the round's starting versions, read once per actor and round
+            if self.prepared is None or self.prepared[0] != round_:
+                committed = read_folder(self.step_dir / "output")
+                self.prepared = (round_, self.step.round_inputs(self.tables, committed, round_))  # type: ignore[attr-defined]
+            prepared = self.prepared[1]
+        with self.compute:
+            made = self.step.evolve_batch(prepared, round_, a, b, state)  # type: ignore[attr-defined]
+        self._save_metrics()
+        return made
 
 
 def _pickled_error(e: Exception) -> bytes:
@@ -368,7 +427,7 @@ class RayRunner(Runner):
         check_pipeline(self.pipeline)
         for node in self.pipeline.nodes.values():  # refused before the cluster starts, not after the first steps
             step = node.step
-            if (isinstance(step, (RowStep, Filter)) and step.kind == "row") or two_stage(step):
+            if (isinstance(step, (RowStep, Filter)) and step.kind == "row") or two_stage(step) or parallel_rounds(step):
                 portable_params(node.name, step)
         ray = _ray()
         started = False
@@ -390,6 +449,9 @@ class RayRunner(Runner):
     def _execute(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
         if isinstance(step, (RowStep, Filter)) and step.kind == "row":
             self._run_row_step_on_cluster(name, step, parents, step_dir, rec)
+        elif parallel_rounds(step):
+            step.begin()  # the workers load the step; the driver commits what they make, in order
+            self._run_generator(name, step, parents, step_dir, rec)  # type: ignore[arg-type]
         elif two_stage(step):
             import numpy as np
 
@@ -405,6 +467,30 @@ class RayRunner(Runner):
                 path.unlink(missing_ok=True)
         else:
             super()._execute(name, step, parents, step_dir, rec)
+
+    def _generated_batches(self, name: str, step: Generator, tables: list[pa.Table], checkpoint: Checkpoint,
+                           step_dir: Path) -> Iterator[GeneratedBatch]:  # fmt: skip
+        """A generator with row-parallel rounds: each round's batches made at once by the step's actor pool, handed
+        on in commit order (a round starts once the one before is committed: it evolves what that one made)."""
+        if not parallel_rounds(step):
+            yield from super()._generated_batches(name, step, tables, checkpoint, step_dir)
+            return
+        import pickle
+
+        plan = step.batch_plan(tables[0].num_rows if tables else 0, checkpoint.state)  # type: ignore[attr-defined]
+        inputs = [str(self._parent_dir(p)) for p in self.pipeline.nodes[name].parents]
+        number = checkpoint.batches
+        for round_ in sorted({p[0] for p in plan}):
+            items = [{"number": checkpoint.batches + i, "round": r, "a": a, "b": b, "state": json.dumps(nxt)}
+                     for i, (r, a, b, nxt) in enumerate(plan) if r == round_]  # fmt: skip
+            done: dict[int, bytes] = {}
+            for res in self._map_items(name, step, step_dir, items, RoundWorker, {"inputs": inputs}):
+                _raise_error(res)
+                done[int(res["number"])] = res["batch"]
+                while number in done:
+                    yield pickle.loads(done.pop(number))
+                    number += 1
+        self._prior_metrics[name] = self._prior(step_dir)
 
     def pool(self, name: str, step: Step, batches: int) -> dict[str, Any]:
         """The actor pool of one step: actors, num_cpus and num_gpus per actor, and whether an actor may compute
@@ -434,27 +520,30 @@ class RayRunner(Runner):
     def _map_ranges(self, mode: str, name: str, step: Step, todo: list[tuple[int, int]], src: Path,
                     step_dir: Path) -> Iterator[dict[str, Any]]:  # fmt: skip
         """Run `todo` through the step's actor pool; yields each range's result as it finishes (any order)."""
+        index, schema = shard_index(src)
+        kwargs = {"mode": mode, "index": index, "schema": schema.serialize().to_pybytes() if schema is not None else None}
+        items = [{"start": a, "end": b} for a, b in todo]
+        return self._map_items(name, step, step_dir, items, RangeWorker, kwargs)
+
+    def _map_items(self, name: str, step: Step, step_dir: Path, items: list[dict[str, Any]], worker: type,
+                   kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:  # fmt: skip
+        """`items` through an actor pool of `worker`s that each hold the step; results as they finish (any order)."""
         ray = _ray()
         from ray.data import ActorPoolStrategy
 
-        pool = self.pool(name, step, len(todo))
+        pool = self.pool(name, step, len(items))
         params = share_limits(step, portable_params(name, step), pool["actors"])
-        index, schema = shard_index(src)
         strategy = ActorPoolStrategy(size=pool["actors"], max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
-        ds = ray.data.from_items([{"start": a, "end": b} for a, b in todo])
-        ds = ds.map_batches(
-            RangeWorker,
+        ds = ray.data.from_items(items).map_batches(
+            worker,
             batch_size=1,
             compute=strategy,
             num_cpus=pool["num_cpus"],
             num_gpus=pool["num_gpus"] or None,
-            fn_constructor_kwargs={
-                "mode": mode, "name": name, "step_cls": type(step), "params": params, "step_dir": str(step_dir),
-                "index": index, "schema": schema.serialize().to_pybytes() if schema is not None else None,
-                "parallel": pool["parallel"],
-            },
+            fn_constructor_kwargs={"name": name, "step_cls": type(step), "params": params, "step_dir": str(step_dir),
+                                   "parallel": pool["parallel"], **kwargs},
         )  # fmt: skip
-        self._say(f"{name}: {len(todo)} batches on {pool['actors']} Ray actor(s)")
+        self._say(f"{name}: {len(items)} batches on {pool['actors']} Ray actor(s)")
         try:
             yield from ds.iter_rows()
         except Exception as e:

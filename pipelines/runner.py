@@ -59,7 +59,7 @@ from thresher.pipelines.execute import (
     verify_accounting,
 )
 from thresher.pipelines.prefetch import prefetch
-from thresher.pipelines.step import Checkpoint, Filter, Generator, RowStep, Step
+from thresher.pipelines.step import Checkpoint, Filter, GeneratedBatch, Generator, RowStep, Step
 
 MANIFEST = "manifest.json"
 DONE = "_done.json"
@@ -678,7 +678,7 @@ class Runner:
         schema = _unified_schema(list_shards(step_dir / "output"))
         bar = _progress(None, name, checkpoint.rows, self.progress)
         number = committed
-        for batch in step.generate_batches(tables, checkpoint):
+        for batch in self._generated_batches(name, step, tables, checkpoint, step_dir):
             out = generated_output(step, name, batch, number)
             schema = _check_batch_schema(name, schema, out.output.schema, number, number + 1)
             candidates += batch_candidates(batch, out)
@@ -704,6 +704,11 @@ class Runner:
                 f"generator {name!r}: its committed shards hold {rec.rows_out} out + {rec.rows_rejected} rejected + "
                 f"{rec.rows_failed} failed rows but its batches counted {candidates} candidates"
             )
+
+    def _generated_batches(self, name: str, step: Generator, tables: list[pa.Table], checkpoint: Checkpoint,
+                           step_dir: Path) -> Iterator[GeneratedBatch]:  # fmt: skip
+        """The batches a generator makes, in order (the Ray runner computes some generators' batches on a cluster)."""
+        return step.generate_batches(tables, checkpoint)
 
     def _run_whole_step(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
         for side in SIDES:

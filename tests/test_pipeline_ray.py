@@ -312,6 +312,28 @@ def test_two_actors_keep_the_steps_max_concurrency_together(ray_cluster: str, fa
     assert res.metrics("respond")["requests"] == 64  # both actors' usage, summed
 
 
+def test_evol_instruct_rounds_run_row_parallel_on_the_cluster(ray_cluster: str, fault: Any, tmp_path: Path) -> None:
+    """Each round's batches are made by the pool (from the versions the round before committed) and committed in
+    order by the driver: the same rows, rejections and requests as a local run."""
+    from test_generators_evol_instruct import en_script, evol_pipeline, write_rows
+
+    fault.configure(script=en_script())
+    write_rows(tmp_path / "rows.jsonl", 20)
+    local = evol_pipeline(fault, tmp_path / "rows.jsonl", cache=False).run(tmp_path / "local", progress=False)
+    asked_locally = fault.stats()["total"]
+    fault.reset()
+    pipe = evol_pipeline(fault, tmp_path / "rows.jsonl", cache=False)
+    pipe.ray_options = {"actors": 1}
+    on_ray = pipe.run(tmp_path / "ray", progress=False, runner="ray")
+    assert fault.stats()["total"] == asked_locally > 0
+    for side in ("table", "rejected", "failed"):
+        assert getattr(on_ray, side)("evol").equals(getattr(local, side)("evol")), side
+    a, b = on_ray.steps["evol"], local.steps["evol"]
+    assert (a.candidates, a.rows_out, a.rows_rejected) == (b.candidates, b.rows_out, b.rows_rejected)
+    assert on_ray.metrics("evol")["requests"] == local.metrics("evol")["requests"]
+    assert list((step_dir(tmp_path / "ray", "evol") / "_workers").glob("*.json"))  # made by actors
+
+
 def test_an_actor_the_cluster_cannot_place_is_an_error(ray_cluster: str, tmp_path: Path) -> None:
     pipe = two_steps(n=20)
     pipe.ray_options = {"steps": {"square": {"num_gpus": 1}}}  # the test cluster has no GPU
