@@ -18,8 +18,10 @@ one's reading and committing overlap the other's compute, and a remote-model ste
 request window stays full across batch boundaries, as `batches_in_flight()` does locally.
 
 Global steps with a parallel part run in two stages: NearDedup's vectors are embedded by an actor pool (ranges
-committed as `.npy` files under `_vectors/`, resumable the same way), then the search and grouping run on the driver.
-Other global steps, and generators, run on the driver as they do locally.
+committed as `.npy` files under `_vectors/`, resumable the same way), then the search and grouping run on the driver
+over the vectors memory-mapped. A generator whose rounds are row-parallel (EvolInstruct: `parallel_rounds`) has each
+round's batches made by an actor pool from what the round before committed; the driver commits them in batch order,
+so its resume is the local generator rule. Other global steps and generators run on the driver as they do locally.
 
 Secrets never enter Ray: a step travels as its class and its parameters without secrets, backend objects pickle
 without their keys, and workers read keys from their own environment (`api_key_env`). A step given an `api_key`
