@@ -154,12 +154,9 @@ def _wait_for(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_worker_killed_mid_step_loses_no_row(ray_cluster: str, tmp_path: Path) -> None:
-    counters = tmp_path / "c"
-    counters.mkdir()
-    reference = two_steps().run(tmp_path / "ref", progress=False)
-    run_dir = tmp_path / "run"
-    pipe = two_steps(counters, sleep=0.25)
+def run_and_kill_the_worker(pipe: Pipeline, run_dir: Path, step: str, after: int) -> tuple[Any, int]:
+    """Run `pipe` on the cluster (in a thread) and SIGKILL the one actor of `step` once `after` of its batches are
+    committed; returns the finished run and the batches committed at the kill."""
     result: dict[str, Any] = {}
 
     def go() -> None:
@@ -171,26 +168,54 @@ def test_worker_killed_mid_step_loses_no_row(ray_cluster: str, tmp_path: Path) -
     thread = threading.Thread(target=go, daemon=True)
     thread.start()
     _wait_for(lambda: (run_dir / "steps").is_dir() and any(
-        len(list_shards(d / "output")) >= 3 for d in (run_dir / "steps").glob("square-*")), 120, "3 committed batches")
-    d = step_dir(run_dir, "square")
+        len(list_shards(d / "output")) >= after for d in (run_dir / "steps").glob(f"{step}-*")), 120, "batches")
+    d = step_dir(run_dir, step)
     workers = list((d / "_workers").glob("*.json"))
     assert len(workers) == 1  # one actor in the pool
-    pid = json.loads(workers[0].read_text())["pid"]
     committed_at_kill = len(list_shards(d / "output"))
-    os.kill(pid, signal.SIGKILL)
+    os.kill(json.loads(workers[0].read_text())["pid"], signal.SIGKILL)
     thread.join(300)
     assert not thread.is_alive()
     if "error" in result:
         raise result["error"]
-    run = result["run"]
-    assert committed_at_kill < 20  # killed mid-step: 20 batches in all
     assert len(list((d / "_workers").glob("*.json"))) >= 2  # Ray started a new actor, which took over
+    return result["run"], committed_at_kill
+
+
+def test_worker_killed_mid_step_loses_no_row(ray_cluster: str, tmp_path: Path) -> None:
+    counters = tmp_path / "c"
+    counters.mkdir()
+    reference = two_steps().run(tmp_path / "ref", progress=False)
+    run, committed_at_kill = run_and_kill_the_worker(two_steps(counters, sleep=0.25), tmp_path / "run", "square", 3)
+    assert committed_at_kill < 20  # killed mid-step: 20 batches in all
     rec = run.steps["square"]
     assert rec.rows_in == 200 and rec.rows_out == 200
     assert rec.rows_rejected == rec.rows_failed == 0
     assert run.table("square").equals(reference.table("square"))  # every row, in row order
     # the killed actor's batch in flight was done again; nothing else
     assert 200 <= count(counters, "square") <= 200 + 20  # two batches in flight in the actor at most
+
+
+def test_killed_model_worker_resends_only_its_requests_in_flight(ray_cluster: str, fault: Any, tmp_path: Path) -> None:
+    from thresher.generators import Respond
+
+    def pipe(cache: Path) -> Pipeline:
+        spec = {"kind": "openai", "base_url": fault.base_url, "model": "fake", "max_concurrency": 4, "cache": str(cache)}
+        p = Numbers(n=80) >> Respond(backend=spec, max_tokens=8, batch_size=8)
+        p.ray_options = {"actors": 1}
+        return p
+
+    fault.configure(latency=0.2)
+    reference = pipe(tmp_path / "ref.sqlite").run(tmp_path / "ref", progress=False)
+    fault.reset()
+    run, committed_at_kill = run_and_kill_the_worker(pipe(tmp_path / "run.sqlite"), tmp_path / "run", "respond", 3)
+    assert committed_at_kill < 10
+    sent = fault.stats()["total"]
+    print(f"80 requests in a whole run; killed after {committed_at_kill} of 10 batches; sent {sent}")
+    # the answers the killed actor had committed to the request cache are not asked again: what is re-sent is at
+    # most the step's window of requests in flight (4)
+    assert 80 <= sent <= 80 + 4
+    assert run.table("respond").equals(reference.table("respond"))
 
 
 _DRIVER = textwrap.dedent(
