@@ -147,6 +147,16 @@ def _wants_gpu(step: Step) -> bool:
     return any(isinstance(d, str) and d.startswith("cuda") for d in devices)
 
 
+def batch_api(step: Step) -> bool:
+    """Whether the step's model runs in Batch API mode: its requests go out as batch jobs from the driver (the batch
+    phase of `thresher.pipelines.batch_phase`), where the provider does the scaling, so it runs as it does locally."""
+    if not _is_model_step(step):
+        return False
+    from thresher.llms.batch import OpenAIBatch
+
+    return any(isinstance(step._build(p), OpenAIBatch) for p in step.model_params)  # type: ignore[attr-defined]
+
+
 def parallel_rounds(step: Step) -> bool:
     """Whether the step is a generator whose rounds are row-parallel (EvolInstruct: `batch_plan`, `round_inputs`,
     `evolve_batch`), so the cluster makes each round's batches."""
@@ -429,7 +439,8 @@ class RayRunner(Runner):
         check_pipeline(self.pipeline)
         for node in self.pipeline.nodes.values():  # refused before the cluster starts, not after the first steps
             step = node.step
-            if (isinstance(step, (RowStep, Filter)) and step.kind == "row") or two_stage(step) or parallel_rounds(step):
+            on_cluster = (isinstance(step, (RowStep, Filter)) and step.kind == "row") or two_stage(step) or parallel_rounds(step)
+            if on_cluster and not batch_api(step):
                 portable_params(node.name, step)
         ray = _ray()
         started = False
@@ -449,7 +460,10 @@ class RayRunner(Runner):
     # ---- dispatch ---------------------------------------------------------------------------------
 
     def _execute(self, name: str, step: Step, parents: list[str], step_dir: Path, rec: StepRecord) -> None:
-        if isinstance(step, (RowStep, Filter)) and step.kind == "row":
+        if batch_api(step):
+            self._say(f"{name}: Batch API mode: its jobs are sent from the driver, as in a local run")
+            super()._execute(name, step, parents, step_dir, rec)
+        elif isinstance(step, (RowStep, Filter)) and step.kind == "row":
             self._run_row_step_on_cluster(name, step, parents, step_dir, rec)
         elif parallel_rounds(step):
             step.begin()  # the workers load the step; the driver commits what they make, in order

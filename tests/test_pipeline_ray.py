@@ -359,6 +359,19 @@ def test_evol_instruct_rounds_run_row_parallel_on_the_cluster(ray_cluster: str, 
     assert list((step_dir(tmp_path / "ray", "evol") / "_workers").glob("*.json"))  # made by actors
 
 
+def test_a_batch_api_step_runs_its_jobs_from_the_driver(ray_cluster: str, fault: Any, tmp_path: Path) -> None:
+    from test_llms_batch import spec
+
+    from thresher.generators import Respond
+
+    pipe = Numbers(n=12) >> Respond(backend=spec(fault, cache=str(tmp_path / "c.sqlite")), max_tokens=8, batch_size=4)
+    res = pipe.run(tmp_path / "run", progress=False, runner="ray")
+    assert res.steps["respond"].rows_out == 12
+    routes = fault.stats()["routes"]
+    assert routes.get("POST /v1/batches") == 1 and "POST /v1/chat/completions" not in routes  # one batch job
+    assert not (step_dir(tmp_path / "run", "respond") / "_workers").exists()  # not by actors
+
+
 def test_an_actor_the_cluster_cannot_place_is_an_error(ray_cluster: str, tmp_path: Path) -> None:
     pipe = two_steps(n=20)
     pipe.ray_options = {"steps": {"square": {"num_gpus": 1}}}  # the test cluster has no GPU
