@@ -7,7 +7,7 @@ input ranges that no committed batch covers ([start, end), the step's batch size
 from its parameters and loads it once (`load()`: a model, a client), then for each range reads the rows from the
 parent's Parquet shards in the run directory, runs the batch and commits `part-<start>-<end>.parquet` there itself
 (side outputs first, output last, atomically) before it hands the driver only the counts and the output schema.
-Rows never pass through Ray's object store; ranges, counts and schemas do. Batches finish in any order, and resume
+A row step's rows never pass through Ray's object store; ranges, counts and schemas do. Batches finish in any order, and resume
 keeps every committed range (`runner.committed_ranges`), so a killed worker or driver costs only the batches that
 were in flight. Ray restarts a dead actor and retries its batch, which is written again, whole, under its own name.
 
@@ -21,7 +21,8 @@ Global steps with a parallel part run in two stages: NearDedup's vectors are emb
 committed as `.npy` files under `_vectors/`, resumable the same way), then the search and grouping run on the driver
 over the vectors memory-mapped. A generator whose rounds are row-parallel (EvolInstruct: `parallel_rounds`) has each
 round's batches made by an actor pool from what the round before committed; the driver commits them in batch order,
-so its resume is the local generator rule. Other global steps and generators run on the driver as they do locally.
+so its resume is the local generator rule. Other global steps and generators, and a step in Batch API mode (its
+jobs go out from the driver), run on the driver as they do locally.
 
 Secrets never enter Ray: a step travels as its class and its parameters without secrets, backend objects pickle
 without their keys, and workers read keys from their own environment (`api_key_env`). A step given an `api_key`

@@ -424,7 +424,7 @@ def _versions() -> dict[str, str | None]:
 
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in ("thresher", "pyarrow", "llama-cpp-python", "openai", "transformers", "torch", "peft",
-                 "sentence-transformers", "faiss-cpu", "datasets"):  # fmt: skip
+                 "sentence-transformers", "faiss-cpu", "datasets", "ray"):  # fmt: skip
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
