@@ -323,13 +323,19 @@ def run_on_tables(step: Step, name: str, tables: list[pa.Table]) -> BatchOutput:
         for number, batch in enumerate(step.generate_batches(tables, Checkpoint())):
             outs.append(generated_output(step, name, batch, number))
         if not outs:
-            return BatchOutput(pa.table({}))
+            return BatchOutput(empty_generated(step))
         return BatchOutput(
             concat(o.output for o in outs),
             concat(o.rejected for o in outs) if any(o.rejected is not None for o in outs) else None,
             concat(o.failed for o in outs) if any(o.failed is not None for o in outs) else None,
         )
     raise PipelineError(f"step {name!r}: {type(step).__name__} is not a RowStep, Filter, GlobalStep or Generator")
+
+
+def empty_generated(step: Generator) -> pa.Table:
+    """What a generator that yielded no batch at all leaves: no rows, with the columns it declares (null-typed), so a
+    step after it that reads them (Concat on `id`) runs on nothing instead of failing on a table with no columns."""
+    return pa.table({c: pa.array([], pa.null()) for c in dict.fromkeys(("id", *step.writes()))})
 
 
 def verify_accounting(step: Step, name: str, rows_in: int, out: int, rejected: int, failed: int) -> None:

@@ -53,6 +53,7 @@ from thresher.pipelines.execute import (
     apply_row_step,
     batch_candidates,
     check_columns,
+    empty_generated,
     generated_output,
     map_batches,
     run_on_tables,
@@ -693,8 +694,8 @@ class Runner:
             number += 1
             bar.update(out.output.num_rows)
         bar.close()
-        if not list_shards(step_dir / "output"):  # made nothing: still leave an (empty) output
-            commit_batch(step_dir, 0, 0, BatchOutput(pa.table({})))
+        if not list_shards(step_dir / "output"):  # made nothing: still leave an (empty) output, with its columns
+            commit_batch(step_dir, 0, 0, BatchOutput(empty_generated(step)))
         rec.candidates = candidates
         rec.rows_out = _count_rows(step_dir / "output")
         rec.rows_rejected = _count_rows(step_dir / "rejected")

@@ -235,3 +235,33 @@ def test_a_generator_that_keeps_nothing_leaves_an_empty_output_with_its_columns(
     result = pipe.run(tmp_path / "run", progress=False)
     assert result.table("gen").num_rows == 0 and result.table("gen").column_names == ["id", "instruction"]
     assert result.table("pool").column_names == ["id", "instruction"]
+
+
+class _YieldsNoBatch(Generator):
+    """Stops before its first batch (a seed set with nothing to grow from, a budget already spent)."""
+
+    outputs = ("id", "instruction")
+
+    def generate_batches(self, tables: list[pa.Table], checkpoint: Checkpoint):  # type: ignore[no-untyped-def]
+        return iter(())
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_generator_that_yields_no_batch_leaves_its_columns(tmp_path: Path, in_memory: bool) -> None:
+    """No batch at all: the empty output still has the declared columns, and Concat after it runs (it used to fail
+    with "needs column(s) ['id'] ... available: []")."""
+    from thresher.data.steps import Concat
+
+    pipe = Pipeline("no-batch")
+    pipe.add(_YieldsNoBatch(), name="gen")
+    pipe.add(Concat(), name="pool", after=["gen"])
+    if in_memory:  # the path a step called on tables takes
+        from thresher.pipelines.execute import run_on_tables
+
+        gen = run_on_tables(_YieldsNoBatch(), "gen", []).output
+        pool = run_on_tables(Concat(), "pool", [gen]).output
+    else:
+        result = pipe.run(tmp_path / "run", progress=False)
+        gen, pool = result.table("gen"), result.table("pool")
+    assert gen.num_rows == 0 and gen.column_names == ["id", "instruction"]
+    assert pool.num_rows == 0 and pool.column_names == ["id", "instruction"]
