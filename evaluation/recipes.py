@@ -174,17 +174,25 @@ def build_rows(pipeline: Any, run_dir: Path, out: Path, *, progress: bool = Fals
 def train_once(config: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     """Train (or resume) into output_dir; a finished training (its `_done.json`) is read back, not run again."""
     from thresher.pipelines.runner import atomic_write_text
+    from thresher.trainer.config import load_config
 
+    config = {"progress_bar": False, "tensorboard": False, **config, "output_dir": str(output_dir)}
+    cfg = load_config(config, source=str(output_dir))
     done = output_dir / "_done.json"
     if done.is_file():
         summary: dict[str, Any] = json.loads(done.read_text())
+        if "config" in summary:  # a finished training counts only for the same experiment
+            diff = cfg.semantic_diff(load_config(summary["config"], source=str(done)))
+            if diff:
+                changes = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (new, old) in diff.items())
+                raise ConfigError(f"{output_dir} holds a finished training with another config ({changes}); use "
+                                  "another run directory")  # fmt: skip
         return summary
     from thresher.trainer import train
 
-    config = {"progress_bar": False, "tensorboard": False, **config, "output_dir": str(output_dir)}
-    res = train(config)
+    res = train(cfg)
     summary = {"steps": res.steps, "start_step": res.start_step, "train_loss": res.train_loss,
-               "eval_loss": res.eval_loss, "adapter": str(res.adapter_dir)}  # fmt: skip
+               "eval_loss": res.eval_loss, "adapter": str(res.adapter_dir), "config": cfg.model_dump()}  # fmt: skip
     atomic_write_text(done, json.dumps(summary, indent=1))
     return summary
 

@@ -33,12 +33,17 @@ def adapter_run(smol_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_heldout_loss_is_the_trainers_eval_loss(adapter_run: dict[str, Any], smol_hf_dir: Path) -> None:
     from thresher.evaluation import heldout_loss
+    from thresher.evaluation.heldout import heldout_row_losses
 
     res = adapter_run["result"]
     tuned = heldout_loss(str(smol_hf_dir), adapter_run["heldout"], adapter=res.adapter_dir, max_seq_len=64, device="cpu")
     base = heldout_loss(str(smol_hf_dir), adapter_run["heldout"], max_seq_len=64, device="cpu")
     assert tuned == pytest.approx(res.eval_loss, abs=1e-4)
     assert math.isfinite(base) and abs(base - tuned) > 1e-4  # the adapter is applied
+    # per-row parts (for paired bootstrap intervals) add up to the same token-weighted mean
+    rows = heldout_row_losses(str(smol_hf_dir), adapter_run["heldout"], adapter=res.adapter_dir, max_seq_len=64,
+                              device="cpu")  # fmt: skip
+    assert len(rows) == 3 and sum(s for _, s, _ in rows) / sum(n for _, _, n in rows) == pytest.approx(tuned, abs=1e-4)
 
 
 def test_adapter_against_base_judged_by_the_bundled_model(

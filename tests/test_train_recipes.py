@@ -112,6 +112,9 @@ def test_explanation_tuning_recipe_builds_explained_rows_and_trains(fault: Fault
     requests = fault.stats()["total"]
     again = run_train_recipe(path, tmp_path / "run")
     assert fault.stats()["total"] == requests and again["train"] == res["train"]
+    # a finished training is reused only for the same experiment
+    with pytest.raises(ConfigError, match=r"finished training with another config \(lora_r: 4 -> 8\)"):
+        run_train_recipe(load_train_recipe(path, train={"lora_r": 8}), tmp_path / "run")
 
 
 def test_weak_to_strong_recipe_reports_pgr(fault: FaultServer, smol_hf_dir: Path, tmp_path: Path) -> None:
