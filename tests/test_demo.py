@@ -72,3 +72,53 @@ def test_demo_tiny_runs_every_step_and_balances_its_rows(tmp_path: Path) -> None
     again = CliRunner().invoke(main, ["demo", "--size", "tiny", "--out", str(out)], catch_exceptions=False)
     assert again.exit_code == 0, again.output
     assert all(rec.status == "cached" for rec in open_run(out).steps.values())
+
+
+def test_demo_ctrl_c_then_the_same_command_resumes(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) in the middle of the demo, then the same command: the steps finished before the interrupt
+    are not run again, and the run completes with every step done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "thresher.cli", "demo", "--size", "tiny", "--out", str(out), "--no-train", "-q"]
+    # SIGINT back to its default in the child: a shell's background job (CI scripts) starts with it ignored, and
+    # Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    deadline = time.monotonic() + 900
+    finished: list[str] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            steps = open_run(out).steps
+        except Exception:  # no manifest yet
+            steps = {}
+        finished = [n for n, rec in steps.items() if rec.status == "done"]
+        if "self_instruct" in finished:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, f"the demo ended before it could be interrupted: {proc.stdout.read()!r}"  # type: ignore[union-attr]
+    assert "self_instruct" in finished, "self_instruct did not finish within 15 minutes"
+    # Ctrl-C, and again a second later while it still runs, as a user would: a SIGINT that lands inside
+    # `import transformers` is swallowed by its lazy-import machinery
+    for _ in range(120):
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    output = proc.communicate(timeout=300)[0].decode(errors="replace")
+    assert proc.returncode != 0, output  # interrupted, not finished
+    interrupted = open_run(out).steps
+    assert not all(rec.status == "done" for rec in interrupted.values()), "the interrupt came too late to test resume"
+    done_before = [n for n, rec in interrupted.items() if rec.status == "done"]
+
+    again = CliRunner().invoke(main, ["demo", "--size", "tiny", "--out", str(out), "--no-train"], catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    resumed = open_run(out).steps
+    assert all(rec.status in ("done", "cached") for rec in resumed.values())
+    assert all(resumed[n].status == "cached" for n in done_before), {n: resumed[n].status for n in done_before}
+    assert (out / "curated.json").is_file()
