@@ -81,6 +81,9 @@ def _demo_recipe_data(size: str, language: str) -> dict[str, Any]:
             # continued list is cut off (and dropped) before its first tasks end
             for key in ("max_tokens", "instance_max_tokens"):
                 params[key] = params[key] * 3
+        if language == "zh" and spec["step"] == "TaskClassifier" and "backend" not in params:
+            # the Chinese task list with its examples is about 2,500 SmolLM2 tokens: past the default 2,048-token window
+            params["backend"] = {"kind": "llama_cpp", "n_ctx": 4096}
         if language == "zh" and spec["step"] in ("NearDedup", "DiversitySelect") and _has_multilingual_embedder():
             params["language"] = "zh"  # the multilingual USE (extra `zh`); MiniLM otherwise, which reads English only
     return data
