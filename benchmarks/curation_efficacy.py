@@ -101,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         data.write_text(json.dumps([{k: r.get(k) for k in ("instruction", "input", "output")} for r in subsets[m]]))
         cfg = {"model": model_dir, "dataset": str(data), "max_steps": args.steps, "max_seq_len": args.max_seq_len,
                "micro_batch_tokens": 2 * args.max_seq_len, "lora_r": 16, "lora_alpha": 32, "learning_rate": 2e-4,
-               "seed": args.seed, "on_bad_row": "skip"}  # fmt: skip
-        trained = train_once(cfg, out / "train" / m)
+               "seed": args.seed, "on_bad_row": "skip", "save_every": 2}  # fmt: skip
+        trained = train_once(cfg, out / "train" / m)  # a killed benchmark resumes from the last checkpoint
         adapters[m] = trained["adapter"]
-        per_row = heldout_row_losses(model_dir, heldout, adapter=trained["adapter"], max_seq_len=args.max_seq_len)
+        saved = out / "train" / m / "heldout_rows.json"  # each model's losses kept as they come: a kill loses none
+        if saved.is_file():
+            per_row = json.loads(saved.read_text())
+        else:
+            per_row = heldout_row_losses(model_dir, heldout, adapter=trained["adapter"], max_seq_len=args.max_seq_len)
+            saved.write_text(json.dumps(per_row))
         losses[m] = {rid: (s, n) for rid, s, n in per_row}
 
     ids = sorted(losses["random"])
