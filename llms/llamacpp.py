@@ -33,7 +33,8 @@ from thresher.llms.native_probe import ensure_llama_cpp_runs
 
 _PASSTHROUGH = {"top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "typical_p"}
 
-# measured on 2 cores (benchmarks/embedded.py): 8 sequences decode at ~3x the tokens/s of one; 16 adds little
+# measured on 2 cores (benchmarks/embedded.py, quiet machine): 8 sequences decode at 1.6-2.5x the tokens/s of one at a
+# time depending on threads, 16 at 1.7-2.8x for twice the context memory
 DEFAULT_N_PARALLEL = 8
 
 
@@ -155,7 +156,7 @@ class LlamaCpp(LocalChatBackend):
                     from llama_cpp import Llama
                 except ImportError as e:
                     raise ConfigError("LlamaCpp needs llama-cpp-python: pip install 'thresher[llm]'") from e
-                threads = self.n_threads or max(1, (os.cpu_count() or 2) // 2)
+                threads = self._threads()
                 try:
                     self.model_ = Llama(
                         model_path=str(path),
@@ -169,6 +170,9 @@ class LlamaCpp(LocalChatBackend):
                     raise BackendError(f"LlamaCpp: cannot load {path}: {e}") from e
                 self._open_cache()
         return self
+
+    def _threads(self) -> int:
+        return self.n_threads or max(1, (os.cpu_count() or 2) // 2)
 
     @staticmethod
     def _check_library_runs(path: Path) -> None:
@@ -252,7 +256,7 @@ class LlamaCpp(LocalChatBackend):
             self.load()
             with self._lock:
                 if self._decoder is None:
-                    threads = self.n_threads or max(1, (os.cpu_count() or 2) // 2)
+                    threads = self._threads()
                     self._formatter = self._chat_formatter()
                     self._decoder = BatchedDecoder(
                         self.model_,

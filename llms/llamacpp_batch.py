@@ -118,7 +118,6 @@ class BatchedDecoder:
         n_batch: int = 512,
         n_threads: int = 1,
         n_threads_batch: int = 1,
-        kv_unified: bool = False,
     ) -> None:
         import llama_cpp
 
@@ -134,7 +133,9 @@ class BatchedDecoder:
         params.n_seq_max = self.n_parallel
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_threads, params.n_threads_batch = int(n_threads), int(n_threads_batch)
-        params.kv_unified = bool(kv_unified)
+        # a KV stream per sequence: with one shared pool a sequence's attention spans the others' (masked) cells
+        # too, and sums over a different length round differently than the same sequence decoded alone
+        params.kv_unified = False
         params.embeddings = False
         ctx = llama_cpp.llama_init_from_model(model.model, params)
         if ctx is None:
