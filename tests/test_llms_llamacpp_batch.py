@@ -33,6 +33,7 @@ def conversations(shared_data: Path) -> list[list[dict[str, str]]]:
 @pytest.fixture(scope="module")
 def batched() -> LlamaCpp:
     b = LlamaCpp(n_parallel=8, cache=False)
+    b.load()  # tests reach model_ directly: loaded whichever test runs first
     yield b
     b.close()
 
