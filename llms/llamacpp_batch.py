@@ -7,6 +7,12 @@ step decodes one batch that holds the next token of each generating sequence plu
 read in. A finished sequence leaves (its KV cells are freed) and a waiting one takes its slot at the next step, so
 the slots stay full however the requests arrive (continuous batching, as llama.cpp's own server does it).
 
+A slot keeps the KV of the tokens it last held when its sequence leaves. A prompt that begins like something already
+in the context is read from where they part: from its own slot's cache, or, when another slot shares a longer
+beginning, from a copy of that slot's cells (a memory copy, far cheaper than reading the tokens again). Instruction
+data is full of such prompts: a judge's or a classifier's long instructions before each row, a system prompt, the
+turns of a conversation. llama-cpp-python's one-at-a-time path and llama.cpp's server reuse prefixes the same way.
+
 It runs on one background thread that owns the context; any number of threads `submit` requests and wait on
 futures. Sampling follows llama-cpp-python's high-level API (same defaults, same chain order: penalties, logit bias,
 grammar, then greedy at temperature 0 or top-k → typical → top-p → min-p → temperature → seeded draw), so a request
@@ -107,7 +113,13 @@ class BatchedDecoder:
     - n_ctx: context window of each sequence (prompt + completion); the context holds n_ctx × n_parallel cells.
     - n_batch: most tokens in one decode call (generating sequences first, then prompt chunks).
     - n_threads, n_threads_batch: CPU threads for token generation and for prompt processing.
+    - reuse_prefix: read a prompt from where it parts from the tokens already in the context (see the module's
+      docstring); False reads every prompt whole.
     """
+
+    # a shared beginning shorter than this is read again rather than copied from another slot: the copy moves the
+    # whole stream (n_ctx cells), which costs about as much as reading a few dozen tokens
+    MIN_COPY_GAIN = 64
 
     def __init__(
         self,
@@ -118,12 +130,13 @@ class BatchedDecoder:
         n_batch: int = 512,
         n_threads: int = 1,
         n_threads_batch: int = 1,
+        reuse_prefix: bool = True,
     ) -> None:
         import llama_cpp
 
         self._lc = llama_cpp
         self._llama = llama
-        self.n_parallel, self.n_ctx, self.n_batch = int(n_parallel), int(n_ctx), int(max(n_batch, n_parallel))
+        self.n_parallel, self.n_ctx, self.n_batch = int(n_parallel), int(n_ctx), int(max(n_batch, n_parallel, 2))
         model = llama._model
         self._model = model
         self._vocab = model.vocab
@@ -152,6 +165,10 @@ class BatchedDecoder:
         self._waiting: deque[_Seq] = deque()
         self._active: list[_Seq] = []
         self._free_ids = list(range(self.n_parallel - 1, -1, -1))
+        self.reuse_prefix = bool(reuse_prefix)
+        # the tokens whose KV each slot holds, at positions 0.. (kept after its sequence leaves, for reuse)
+        self._held: list[list[int]] = [[] for _ in range(self.n_parallel)]
+        self.reused_tokens = 0  # prompt tokens not read again thanks to reuse, for tests and benchmarks
         self._closing = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode calls, for tests and benchmarks
@@ -230,7 +247,7 @@ class BatchedDecoder:
                     except Exception as e:
                         seq.future.set_exception(e)
                         continue
-                    seq.sid = self._free_ids.pop()
+                    seq.sid = self._take_slot(seq.req.tokens)
                     self._active.append(seq)
             if self._active:
                 self.peak_live = max(self.peak_live, len(self._active))
@@ -244,17 +261,30 @@ class BatchedDecoder:
         """One prompt chunk (of the oldest sequence still reading its prompt), then one token of every generating
         sequence. Prompts are decoded alone, in the chunks llama-cpp-python uses, and generating tokens only with
         each other: llama.cpp splits a batch that mixes them into uneven pieces whose matmuls round differently,
-        and a sequence's text would then depend on what else was in flight."""
+        and a sequence's text would then depend on what else was in flight.
+
+        Nor is a prompt ever read one token at a time (unless it is one token long): llama.cpp computes attention
+        for a single query on another path than for several, and the two round differently. Measured on
+        SmolLM2-135M: a 513-token prompt read as 512 + 1 tokens chose another first token than the same prompt read
+        as 450 + 63, while chunks of two or more tokens, of any size, gave bit-identical logits. So a prompt's
+        logits depend neither on its chunks nor on how much of it was reused, and a request gets the same answer
+        whatever ran before it."""
         prefilling = next((q for q in self._active if q.fed < len(q.req.tokens)), None)
         generating = [q for q in self._active if q.next_token is not None]
         if prefilling is not None:
             seq = prefilling
             prompt = seq.req.tokens
-            chunk = prompt[seq.fed : seq.fed + self.n_batch]
+            if seq.fed == 0:
+                self._start_prompt(seq)
+            n = min(self.n_batch, len(prompt) - seq.fed)
+            if len(prompt) - seq.fed - n == 1:
+                n -= 1  # never leave one token to read alone (see above)
+            chunk = prompt[seq.fed : seq.fed + n]
             done = seq.fed + len(chunk) == len(prompt)
             for j, tok in enumerate(chunk):
                 self._put(j, tok, seq.pos + j, seq.sid, done and j == len(chunk) - 1)
             self._decode(len(chunk))
+            self._held[seq.sid].extend(chunk)
             seq.fed += len(chunk)
             seq.pos += len(chunk)
             if done:
@@ -264,9 +294,48 @@ class BatchedDecoder:
                 self._put(j, seq.next_token, seq.pos, seq.sid, True)  # type: ignore[arg-type]
             self._decode(len(generating))
             for j, seq in enumerate(generating):
+                self._held[seq.sid].append(seq.next_token)  # type: ignore[arg-type]
                 seq.pos += 1
                 seq.next_token = None
                 self._take_token(seq, j)
+
+    def _take_slot(self, prompt: list[int]) -> int:
+        """The free slot whose held tokens share the longest beginning with `prompt` (any, without reuse)."""
+        free = self._free_ids
+        if self.reuse_prefix and len(free) > 1:
+            best = max(range(len(free)), key=lambda i: _common_prefix(self._held[free[i]], prompt))
+            free[best], free[-1] = free[-1], free[best]
+        return free.pop()
+
+    def _start_prompt(self, seq: _Seq) -> None:
+        """Drop what the slot holds past the prompt's shared beginning, copying a longer one from another slot
+        first if one has it; the prompt is then read from there. Decided when the prompt's turn to be read
+        comes, not when it takes its slot, so requests that arrive together reuse the first one's reading."""
+        sid, prompt = seq.sid, seq.req.tokens
+        keep = 0
+        if self.reuse_prefix:
+            keep = _common_prefix(self._held[sid], prompt)
+            donor, donor_keep = -1, 0
+            for other, held in enumerate(self._held):
+                if other != sid:
+                    n = _common_prefix(held, prompt)
+                    if n > donor_keep:
+                        donor, donor_keep = other, n
+            # at least the last two prompt tokens are read: the last one's logits choose the first token, and
+            # one token read alone would round differently (see _step)
+            limit = max(len(prompt) - 2, 0)
+            keep, donor_keep = min(keep, limit), min(donor_keep, limit)
+            if donor >= 0 and donor_keep >= keep + self.MIN_COPY_GAIN:
+                # copies the donor's whole stream at the next decode (llama.cpp copies across streams only whole)
+                self._lc.llama_memory_seq_cp(self._mem, donor, sid, -1, -1)
+                self._held[sid] = list(self._held[donor])
+                keep = donor_keep
+        if not self._lc.llama_memory_seq_rm(self._mem, sid, keep, -1):
+            self._lc.llama_memory_seq_rm(self._mem, sid, -1, -1)
+            keep = 0
+        del self._held[sid][keep:]
+        self.reused_tokens += keep
+        seq.fed = seq.pos = keep
 
     def _put(self, j: int, token: int, pos: int, sid: int, logits: bool) -> None:
         b = self._batch
@@ -360,9 +429,11 @@ class BatchedDecoder:
             smp.add_dist(int(s.seed) & 0xFFFFFFFF if s.seed is not None else self._lc.LLAMA_DEFAULT_SEED)
         return smp
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: _Seq, *, keep: bool = True) -> None:
         if seq.sid >= 0:
-            self._lc.llama_memory_seq_rm(self._mem, seq.sid, -1, -1)
+            if not (keep and self.reuse_prefix):
+                self._lc.llama_memory_seq_rm(self._mem, seq.sid, -1, -1)
+                self._held[seq.sid] = []
             self._free_ids.append(seq.sid)
             seq.sid = -1
         if seq in self._active:
@@ -380,9 +451,17 @@ class BatchedDecoder:
         )
 
     def _finish_error(self, seq: _Seq, err: Exception) -> None:
-        self._release(seq)
+        self._release(seq, keep=False)  # a failed decode leaves the slot's cells in no known state
         if not seq.future.done():
             seq.future.set_exception(err)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 _LIVE: weakref.WeakSet[BatchedDecoder] = weakref.WeakSet()

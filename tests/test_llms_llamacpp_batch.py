@@ -148,6 +148,32 @@ def test_threads_calling_one_backend_share_its_slots(conversations: list[list[di
         b.close()
 
 
+def test_prompts_sharing_a_beginning_reuse_it_with_the_same_logits(shared_data: Path, batched: LlamaCpp) -> None:
+    # a classifier's long instructions before each of 12 real queries: each query is read from where it parts from
+    # what a slot holds, its own or (copied) another's; the logits match reading every prompt whole, bit for bit,
+    # also read in chunks of 16 (chunk boundaries fall everywhere, some prompts end one token past one)
+    rows = json.loads((shared_data / "realign" / "task_classifier_test_dataset.json").read_text())[:12]
+    kinds = "; ".join(f"kind {i}: requests of the {i}th sort, described in a sentence" for i in range(24))
+    convs = [[{"role": "system", "content": f"Name the kind of the request. Kinds: {kinds}."},
+              {"role": "user", "content": r["instruction"][:300]}] for r in rows]  # fmt: skip
+    reqs = _requests(batched, convs, top=0, max_tokens=6, temperature=0)
+    runs = {}
+    for name, reuse, n_batch in (("whole", False, 512), ("reused", True, 512), ("chunks of 16", True, 16)):
+        dec = BatchedDecoder(batched.model_, n_parallel=4, n_ctx=1024, n_batch=n_batch, reuse_prefix=reuse)
+        try:
+            runs[name] = (dec.generate(reqs), dec.reused_tokens)
+        finally:
+            dec.close()
+    prompt_tokens = sum(len(r.tokens) for r in reqs)
+    whole, reused = runs["whole"], runs["reused"]
+    assert whole[1] == 0 and reused[1] > 0.6 * prompt_tokens  # most of each prompt was not read again
+    for res, _ in runs.values():
+        assert all(not isinstance(r, Exception) for r in res)
+        assert [r.text for r in res] == [r.text for r in whole[0]]  # type: ignore[union-attr]
+        got = [[t.logprob for t in r.logprobs] for r in res]  # type: ignore[union-attr]
+        assert got == [[t.logprob for t in r.logprobs] for r in whole[0]]  # type: ignore[union-attr]
+
+
 def test_bad_requests_fail_alone(batched: LlamaCpp) -> None:
     dec = batched._batched()
     assert dec is not None
