@@ -8,8 +8,9 @@ and steps, then measure on held-out gold rows (Cherry's 5% Alpaca file, disjoint
   confidence interval of the difference (resampling held-out rows; the loss is token-weighted, as the trainer's);
 - with `--judge-prompts N`, the pairwise judge protocol (thresher.evaluation) of each subset's model against random's
   on N Vicuna prompts: win/tie/loss, winning score and a bootstrap interval over prompts. The judge is the bundled
-  llama.cpp model unless `--judge` gives a spec; a 135M judge rarely writes two scores, which the table shows as
-  prompts judged (n).
+  llama.cpp model unless `--judge` gives a spec. The judge replies in JSON through structured output (a grammar on
+  llama.cpp), so every reply carries two scores; `--free-text-judge` uses the free-text template instead, where a
+  135M judge rarely writes two scores (the table shows prompts judged as n).
 
 CPU defaults are small (the bundled SmolLM2-135M, pool 64, budget 16, 8 steps): the differences can be noise, and
 the intervals say how much. With CUDA: `--model <a 0.5-1.5B dir> --pool 4000 --budget 1000 --steps 300`.
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", type=int, default=32, help="held-out gold rows")
     ap.add_argument("--judge-prompts", type=int, default=0, help="Vicuna prompts for the pairwise judge (0: none)")
     ap.add_argument("--judge", default=None, help="judge backend spec as JSON (default: the bundled llama.cpp model)")
+    ap.add_argument("--free-text-judge", action="store_true", help="the free-text judge template, not JSON")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                 {"kind": "transformers", "model": model_dir, "adapter": adapters["random"]},
                                 judge=judge, test_sets=["vicuna"], data_dir=DATA / "cherry-llm",
                                 max_prompts=args.judge_prompts, names=(m, "random"), answer_max_tokens=96,
-                                judge_max_tokens=48, out_dir=out / "pairwise" / m)  # fmt: skip
+                                judge_max_tokens=48 if args.free_text_judge else 160,
+                                structured=not args.free_text_judge, out_dir=out / "pairwise" / m)  # fmt: skip
             (s,) = res.sets
             points = [{"win": 1, "tie": 0, "loss": -1}[p.outcome] for p in s.pairs if p.outcome]
             ci = bootstrap(points, lambda xs: sum(xs) / len(xs) + 1, seed=args.seed) if points else None

@@ -63,6 +63,9 @@ def parse_spec(text: str) -> dict[str, Any] | None:
               help="Your own judge template (placeholders $instruction, $first, $second).")
 @click.option("--answer-max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--judge-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--structured", is_flag=True, default=False,
+              help="Ask the judge for JSON (a reason, then both scores) through structured output, so every reply "
+                   "carries two scores; --prompt is then the compare_json template.")
 @click.option("--heldout", type=click.Path(exists=True), default=None,
               help="Reference rows with responses: also report each local transformers model's mean answer loss.")
 @click.option("--heldout-max-rows", type=click.IntRange(min=1), default=None)
@@ -70,7 +73,7 @@ def parse_spec(text: str) -> dict[str, Any] | None:
 def eval_command(
     model_a: str, model_b: str, judge: str, test_sets: tuple[str, ...], data_dir: Path | None,
     max_prompts: int | None, names: str, language: str, prompt_file: str | None, answer_max_tokens: int,
-    judge_max_tokens: int, heldout: str | None, heldout_max_rows: int | None, out: Path,
+    judge_max_tokens: int, structured: bool, heldout: str | None, heldout_max_rows: int | None, out: Path,
 ) -> None:  # fmt: skip
     from thresher.evaluation.pairwise import pairwise_eval
 
@@ -81,8 +84,8 @@ def eval_command(
         result = pairwise_eval(
             parse_spec(model_a), parse_spec(model_b), judge=parse_spec(judge), test_sets=list(test_sets),
             data_dir=data_dir, max_prompts=max_prompts, names=(pair[0], pair[1]), language=language,
-            prompts={"compare": prompt_file} if prompt_file else None, answer_max_tokens=answer_max_tokens,
-            judge_max_tokens=judge_max_tokens, heldout=heldout, heldout_max_rows=heldout_max_rows, out_dir=out,
+            prompts={"compare_json" if structured else "compare": prompt_file} if prompt_file else None,
+            answer_max_tokens=answer_max_tokens, judge_max_tokens=judge_max_tokens, structured=structured, heldout=heldout, heldout_max_rows=heldout_max_rows, out_dir=out,
         )  # fmt: skip
     except ThresherError as exc:
         raise click.ClickException(str(exc)) from None

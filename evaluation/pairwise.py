@@ -9,6 +9,11 @@ Per test set: wins, ties, losses over the N prompts judged, and the winning scor
 above 1 when A is better and 2 at most. A prompt whose answers or judgements failed (a request error, a reply with
 no pair of scores) is left out of N and listed with its reason; the judge's replies are kept whole.
 
+With `structured=True` the judge is asked for a JSON object (`compare_json` template: a reason, then `score_a` and
+`score_b`) through the backend's structured output (a JSON schema whose scores are the integers 1-10), so every reply
+that arrives carries two scores: use it with judges that serve structured output (OpenAI, vLLM, SGLang, the embedded
+llama.cpp model and `thresher serve` through a grammar), and for small judges, which rarely keep a free-text format.
+
 Every request goes through the backends' request cache, so a second run (or a killed one) pays only for what has no
 answer yet.
 """
@@ -29,6 +34,7 @@ from thresher.scorers.judge_parse import parse_score_pair
 
 METHOD = "pairwise"
 TEMPLATE = "compare"
+TEMPLATE_JSON = "compare_json"  # structured=True
 _FILLS = {"instruction", "first", "second"}
 SCALE = (1, 10)
 
@@ -102,18 +108,44 @@ def outcome(points_a_first: int, points_b_first: int) -> str:
     return "win" if total > 0 else "loss" if total < 0 else "tie"
 
 
-def judge_template(language: str = "en", prompts: Mapping[str, str | os.PathLike[str]] | None = None) -> Prompt:
-    """The judge's `compare` template (shipped, or the user's from prompts={"compare": path}), checked."""
+def judge_template(language: str = "en", prompts: Mapping[str, str | os.PathLike[str]] | None = None,
+                   *, structured: bool = False) -> Prompt:  # fmt: skip
+    """The judge's template, `compare` or with structured=True `compare_json` (shipped, or the user's from
+    prompts={"compare": path} / {"compare_json": path}), checked."""
     if language not in LANGUAGES:
         raise ConfigError(f"pairwise eval: unknown language {language!r}; valid: {list(LANGUAGES)}")
-    unknown = sorted(set(prompts or {}) - {TEMPLATE})
+    unknown = sorted(set(prompts or {}) - {TEMPLATE, TEMPLATE_JSON})
     if unknown:
-        raise ConfigError(f"pairwise eval: no template named {unknown}; valid: [{TEMPLATE!r}]")
-    tpl = load_prompt("evaluation", METHOD, TEMPLATE, language, prompts)
+        raise ConfigError(f"pairwise eval: no template named {unknown}; valid: [{TEMPLATE!r}, {TEMPLATE_JSON!r}]")
+    name = TEMPLATE_JSON if structured else TEMPLATE
+    tpl = load_prompt("evaluation", METHOD, name, language, prompts)
     if tpl.placeholders != _FILLS:
         raise ConfigError(f"pairwise eval: prompt {tpl.path} has placeholders {sorted(tpl.placeholders)}; "
-                          f"the {TEMPLATE!r} template takes exactly {sorted(_FILLS)}")  # fmt: skip
+                          f"the {name!r} template takes exactly {sorted(_FILLS)}")  # fmt: skip
     return tpl
+
+
+# the reply structured=True asks for: the reason first, so the scores follow from it
+_SCORE = {"type": "integer", "enum": list(range(SCALE[0], SCALE[1] + 1))}
+JUDGE_SCHEMA = {
+    "title": "pairwise_judgement",
+    "type": "object",
+    # maxLength: a few sentences, and a bound on a small judge that would otherwise run on inside the string
+    "properties": {"reason": {"type": "string", "maxLength": 400}, "score_a": _SCORE, "score_b": _SCORE},
+    "required": ["reason", "score_a", "score_b"],
+}
+
+
+def _structured_pair(res: Any) -> tuple[float, float] | None:
+    """The (shown first, shown second) scores of a structured reply, None when they are missing or off the scale."""
+    value = (res.parsed or [None])[0]
+    if not isinstance(value, Mapping):
+        return None
+    got = [value.get("score_a"), value.get("score_b")]
+    scores = [float(x) for x in got if isinstance(x, int | float) and not isinstance(x, bool)]
+    if len(scores) != 2 or not all(SCALE[0] <= x <= SCALE[1] for x in scores):
+        return None
+    return scores[0], scores[1]
 
 
 def answer(backend: Any, rows: Sequence[Mapping[str, str]], *, max_tokens: int = 512,
@@ -135,8 +167,10 @@ def answer(backend: Any, rows: Sequence[Mapping[str, str]], *, max_tokens: int =
 def judge_pairs(
     judge: Any, rows: Sequence[Mapping[str, str]], answers_a: Sequence[str | None], answers_b: Sequence[str | None],
     *, template: Prompt, max_tokens: int = 256, temperature: float | None = 0.0, name: str = "set",
+    structured: bool = False,
 ) -> SetResult:
-    """Judge each prompt's two answers in both orders and count model A's wins, ties and losses."""
+    """Judge each prompt's two answers in both orders and count model A's wins, ties and losses; with structured=True
+    the judge replies in JSON_SCHEMA's form (`template` should then be the `compare_json` one)."""
     from thresher.data.messages import user_text
 
     pairs = [PairOutcome(str(r["id"]), user_text(r["instruction"], r.get("input")), a, b)
@@ -153,6 +187,8 @@ def judge_pairs(
     params: dict[str, Any] = {"max_tokens": max_tokens}
     if temperature is not None:
         params["temperature"] = temperature
+    if structured:
+        params["response_format"] = JUDGE_SCHEMA
     results = judge.chat(convs, **params) if convs else []
     for (k, order), res in zip(where, results, strict=True):
         p, shown = pairs[k], "A" if order == 0 else "B"
@@ -160,7 +196,7 @@ def judge_pairs(
             p.error = _join(p.error, f"{p.id}: judging with {shown} first: {res.error}")
             continue
         p.reasons[order] = res.text
-        got = parse_score_pair(res.text, *SCALE)
+        got = _structured_pair(res) if structured else parse_score_pair(res.text, *SCALE)
         if got is None:
             p.error = _join(p.error, f"{p.id}: the judge's reply with {shown} first gives no two scores from 1 to 10: "
                                      f"{str(res.text)[:200]!r}")  # fmt: skip
@@ -199,6 +235,7 @@ def pairwise_eval(
     prompts: Mapping[str, str | os.PathLike[str]] | None = None,
     answer_max_tokens: int = 512,
     judge_max_tokens: int = 256,
+    structured: bool = False,
     seed: int | None = None,
     heldout: str | Path | None = None,
     heldout_max_rows: int | None = None,
@@ -213,10 +250,11 @@ def pairwise_eval(
     that is a local transformers model (a base model, or one with an `adapter`) is added, rows cut to
     `heldout_max_seq_len` tokens as the trainer cuts them. out_dir: where
     `eval.json` (the counts) and `pairs-<set>.jsonl` (every prompt, both answers, scores and the judge's replies) go.
+    structured: the judge replies in JSON through structured output (see the module docstring).
     """
     from thresher.llms.config import make_backend
 
-    tpl = judge_template(language, prompts)
+    tpl = judge_template(language, prompts, structured=structured)
     if not test_sets:
         raise ConfigError("pairwise eval: give at least one test set")
     sets = [s if isinstance(s, PromptSet) else load_prompt_set(s, data_dir=data_dir, max_prompts=max_prompts)
@@ -233,7 +271,7 @@ def pairwise_eval(
             got_a = answer(a, ps.rows, max_tokens=answer_max_tokens, seed=seed)
             got_b = answer(b, ps.rows, max_tokens=answer_max_tokens, seed=seed)
             res = judge_pairs(j, ps.rows, [x for x, _ in got_a], [x for x, _ in got_b], template=tpl,
-                              max_tokens=judge_max_tokens, name=ps.name)  # fmt: skip
+                              max_tokens=judge_max_tokens, name=ps.name, structured=structured)  # fmt: skip
             for p, (_, ea), (_, eb) in zip(res.pairs, got_a, got_b, strict=True):
                 if ea or eb:
                     p.error = "; ".join(f"{p.id}: model {who} failed to answer: {e}"

@@ -43,7 +43,7 @@ class EvalSpec(BaseModel):
     heldout: str | None = None
     heldout_max_rows: int | None = Field(default=None, ge=1)
     # Pairwise judge evaluation of the trained model against the base (thresher.evaluation.pairwise_eval keys:
-    # test_sets, data_dir, judge, max_prompts, answer_max_tokens, judge_max_tokens, language).
+    # test_sets, data_dir, judge, max_prompts, answer_max_tokens, judge_max_tokens, structured, language).
     pairwise: dict[str, Any] | None = None
 
 

@@ -109,6 +109,38 @@ def test_a_failed_answer_leaves_the_prompt_out(servers, tmp_path: Path) -> None:
     assert judge.stats()["total"] == 2 * (len(CASES) - 1)  # nothing to judge for q1
 
 
+def _json_reply(reason: str, a: int, b: int) -> str:
+    return json.dumps({"reason": reason, "score_a": a, "score_b": b})
+
+
+def test_structured_judge_replies_in_json_through_the_schema(servers, tmp_path: Path) -> None:
+    # the same cases, the judge replying in JSON: what a grammar-constrained judge writes; q6's reply has a score off
+    # the 1-10 scale, which the schema's validation refuses (re-asked, then left out with the reason)
+    a, b, judge = servers
+    replies = {
+        "q1": (_json_reply("A is precise.", 8, 3), _json_reply("the second is precise.", 3, 8)),
+        "q2": (_json_reply("A is clearer.", 7, 4), _json_reply("equally good.", 6, 6)),
+        "q3": (_json_reply("the first one.", 9, 2), _json_reply("the first one.", 9, 2)),
+        "q4": (_json_reply("B is right.", 2, 9), _json_reply("B is right.", 9, 2)),
+        "q5": (_json_reply("same.", 5, 5), _json_reply("same.", 5, 5)),
+        "q6": (_json_reply("A, clearly.", 11, 2), _json_reply("fine", 3, 8)),
+    }
+    rules = []
+    for q, (x, y, *_rest) in CASES.items():
+        rules.append(Rule(match=rf"(?s)\[Answer A\]\n{x}\n\n\[Answer B\]\n{y}\n", reply=replies[q][0], name=f"{q}-A"))
+        rules.append(Rule(match=rf"(?s)\[Answer A\]\n{y}\n\n\[Answer B\]\n{x}\n", reply=replies[q][1], name=f"{q}-B"))
+    judge.configure(script=[r.to_dict() for r in rules])
+    result = pairwise_eval(_spec(a, "model-a"), _spec(b, "model-b"), judge=_spec(judge, "judge"),
+                           test_sets=[_prompts(tmp_path)], structured=True)  # fmt: skip
+    (s,) = result.sets
+    assert (s.n, s.wins, s.ties, s.losses, s.failed) == (5, 2, 2, 1, 1)
+    q6 = next(p for p in s.pairs if p.id == "q6")
+    assert q6.outcome is None and "not valid for schema" in str(q6.error) and "11 is not one of" in str(q6.error)
+    bodies = [b for b in judge.stats()["bodies"] if "score_a" in json.dumps(b.get("response_format"))]
+    assert bodies, "the judge was not asked for the schema"
+    assert all('"reason"' in m["content"] for body in bodies for m in body["messages"])  # the compare_json template
+
+
 def test_cli_prints_the_table_and_uses_an_overriding_template(servers, tmp_path: Path) -> None:
     a, b, judge = servers
     own = tmp_path / "mine.txt"
