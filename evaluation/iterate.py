@@ -8,6 +8,8 @@ A training recipe (`thresher.evaluation.recipes`) with an `iterate:` section:
       metric: heldout_loss     # or pairwise (eval.pairwise: the round's model against the previous one)
       min_improvement: 0.0     # a round must beat the previous model by more than this, or the loop stops
       backend: {dtype: float32, max_length: 1024}   # extra Transformers arguments for the current model
+      serve: transformers      # or vllm: a running vLLM server answers, each round's adapter loaded into it
+      vllm: {base_url: http://127.0.0.1:8000/v1, model: Qwen2.5-1.5B-Instruct}   # the server and its base model
 
 Round r (0-based) runs in `round-<r>/` (a pipeline run, with its report.html): the data recipe with the model steps' backend set to the current model (the
 base in round 0, then the previous round's adapter, served by the Transformers backend, which merges it at load),
@@ -16,6 +18,14 @@ base each iteration), and `round.json` (the comparison). `iterate.json` holds ev
 and why the loop stopped. Resume: a finished round (its `round.json`) is read back; inside a killed round the
 pipeline continues after its last committed batch, the trainer from its last checkpoint, and the comparison re-asks
 only what the request cache lacks.
+
+With `serve: vllm` the current model answers from a vLLM server (started by you with `--enable-lora`,
+`--max-lora-rank` of at least the recipe's `lora_r`, and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, on the machine or
+filesystem that holds the run directory): round 0 asks the base model it serves, and each later round first loads the
+previous round's adapter into it (`/v1/load_lora_adapter`) under the name `<recipe>-round-<r>-<digest>`, the digest
+of the adapter's files, so the request cache never answers a retrained adapter from an older one's replies.
+Generation then runs at vLLM's speed instead of the Transformers backend's, and so do a pairwise comparison's
+answers (the round's adapter is loaded to answer against the model before); held-out loss stays local.
 """
 
 from __future__ import annotations
@@ -41,6 +51,12 @@ class IterateSpec(BaseModel):
     min_improvement: float = 0.0
     # Extra arguments of the Transformers backend that serves the current model (dtype, device, max_length, ...).
     backend: dict[str, Any] = Field(default_factory=dict)
+    # Who answers as the current model: the Transformers backend in process, or a running vLLM server into which
+    # each round's adapter is loaded (see the module docstring).
+    serve: Literal["transformers", "vllm"] = "transformers"
+    # serve: vllm: the server's backend spec keys (base_url, model: the base model's served name, api_key_env,
+    # max_concurrency, ...).
+    vllm: dict[str, Any] = Field(default_factory=dict)
 
 
 def iterate(recipe: Any, run_dir: str | Path, *, rounds: int, progress: bool = False) -> dict[str, Any]:
@@ -60,6 +76,9 @@ def iterate(recipe: Any, run_dir: str | Path, *, rounds: int, progress: bool = F
         raise ConfigError(f"training recipe {recipe.name!r}: iterate.metric heldout_loss needs eval.heldout")
     if spec.metric == "pairwise" and not recipe.eval.pairwise:
         raise ConfigError(f"training recipe {recipe.name!r}: iterate.metric pairwise needs eval.pairwise")
+    if spec.serve == "vllm" and not (spec.vllm.get("base_url") and spec.vllm.get("model")):
+        raise ConfigError(f"training recipe {recipe.name!r}: iterate.serve vllm needs iterate.vllm.base_url and "
+                          "iterate.vllm.model (the base model's name on that server)")  # fmt: skip
     data = yaml.safe_load(Path(recipe.data).read_text(encoding="utf-8"))
     missing = [s for s in spec.model_steps if s not in (data.get("steps") or {})]
     if missing:
@@ -101,9 +120,7 @@ def _round(recipe: Any, spec: IterateSpec, data: dict[str, Any], folder: Path, r
            progress: bool) -> dict[str, Any]:  # fmt: skip
     from thresher.pipelines.recipe import recipe_from_text
 
-    current: dict[str, Any] = {**spec.backend, "kind": "transformers", "model": base_dir}
-    if adapter is not None:
-        current["adapter"] = adapter
+    current = current_model(spec, base_dir, adapter, name=f"{recipe.name}-round-{r - 1}")
     round_data = json.loads(json.dumps(data))
     round_data["name"] = f"{data.get('name', 'data')}-round-{r}"
     for name in spec.model_steps:
@@ -128,10 +145,8 @@ def _round(recipe: Any, spec: IterateSpec, data: dict[str, Any], folder: Path, r
         from thresher.evaluation.pairwise import pairwise_eval
 
         ev = dict(recipe.eval.pairwise or {})
-        before: dict[str, Any] = {**spec.backend, "kind": "transformers", "model": base_dir}
-        if adapter is not None:
-            before["adapter"] = adapter
-        res = pairwise_eval({**before, "adapter": trained["adapter"]}, before, judge=ev.pop("judge", None),
+        after = current_model(spec, base_dir, trained["adapter"], name=f"{recipe.name}-round-{r}")
+        res = pairwise_eval(after, current, judge=ev.pop("judge", None),
                             test_sets=ev.pop("test_sets", []), names=(f"round-{r}", "before"),
                             out_dir=folder / "eval", **ev)  # fmt: skip
         scores = [s.winning_score for s in res.sets if s.winning_score is not None]
@@ -141,4 +156,22 @@ def _round(recipe: Any, spec: IterateSpec, data: dict[str, Any], folder: Path, r
         record["comparison"] = f"winning score {score:.3f} against the model before"
     record["gain"] = gain
     record["improved"] = gain > spec.min_improvement
+    record["answered_by"] = current.get("model")
     return record
+
+
+def current_model(spec: IterateSpec, base_dir: str, adapter: str | None, *, name: str) -> dict[str, Any]:
+    """The backend spec of the model that answers this round: the base, or the base with the previous adapter,
+    in process (Transformers) or loaded into a vLLM server under `name` plus the adapter's digest."""
+    if spec.serve == "vllm":
+        server = {**spec.vllm, "kind": "vllm"}
+        if adapter is None:
+            return server
+        from thresher.llms.bundled import model_digest
+        from thresher.llms.vllm_lora import load_lora_adapter
+
+        return load_lora_adapter(server, f"{name}-{model_digest(adapter)[:12]}", adapter)
+    current: dict[str, Any] = {**spec.backend, "kind": "transformers", "model": base_dir}
+    if adapter is not None:
+        current["adapter"] = adapter
+    return current

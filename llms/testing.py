@@ -6,7 +6,8 @@ one process answers thousands of requests per second and is never the bottleneck
 its own process (`FaultServer` starts it and talks to it over HTTP), so its work does not share the client's GIL.
 
 Endpoints: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `GET /v1/models`, the Files and Batches
-endpoints of the Batch API (`thresher.llms.testing_batch`); control:
+endpoints of the Batch API (`thresher.llms.testing_batch`), vLLM's `POST /v1/load_lora_adapter` (an adapter folder is
+checked for its adapter_config.json and its name then listed by /v1/models); control:
 `GET /stats` (requests per prompt, per outcome, peak in-flight), `POST /reset`, `POST /config`.
 
 Faults are drawn per request from a hash of (seed, prompt, attempt number), so a run is reproducible whatever the
@@ -84,6 +85,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
+from pathlib import Path
 from typing import Any
 
 FAULT_KINDS = ("429", "500", "hang", "drop", "truncate", "invalid_json")
@@ -113,6 +115,9 @@ class FaultConfig:
     batch_outcome: str = "completed"
     batch_max_requests: int = 50_000
     batch_max_bytes: int = 200 * 1024 * 1024
+    # vLLM's runtime LoRA loading (`POST /v1/load_lora_adapter`): False answers 404, as a vLLM started without
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING does
+    lora_updating: bool = True
 
 
 ROLES = ("any", "user", "last_user", "system", "assistant")
@@ -458,6 +463,7 @@ class _State:
         from thresher.llms.testing_batch import BatchDesk
 
         self.desk = BatchDesk(config)  # files and batch jobs: they outlive reset()
+        self.loras: dict[str, str] = {}  # LoRA adapters loaded at run time: name -> path (they outlive reset())
         self.set_script(config.script)
 
     def set_script(self, script: list[Any]) -> None:
@@ -523,6 +529,7 @@ class _State:
             "routes": dict(self.routes),
             "http_calls": sum(self.routes.values()),
             "batch_lines": self.desk.lines_answered,
+            "loras": dict(self.loras),
             "config": asdict(self.config),
             "script": {
                 "hits": {r.name: self.hits[r.name] for r in self.rules},
@@ -665,8 +672,13 @@ class _Connection(asyncio.Protocol):
             status, payload = st.desk.handle(method, path, raw, headers, self.batch_line)
             self.send(_response(status, payload), close)
             return
+        if path.rstrip("/") in ("/v1/load_lora_adapter", "/load_lora_adapter") and method == "POST":
+            status, text = self.load_lora(raw)
+            self.send(_response(status, text.encode()), close)
+            return
         if path.rstrip("/") in ("/v1/models", "/models"):
-            body = {"object": "list", "data": [{"id": st.config.model, "object": "model", "owned_by": "thresher"}]}
+            ids = [st.config.model, *st.loras]
+            body = {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "thresher"} for i in ids]}
             self.send(_response(200, json.dumps(body).encode()), close)
             return
         try:
@@ -723,6 +735,23 @@ class _Connection(asyncio.Protocol):
             self.later(delay, _response(status, json.dumps(out).encode()), close)
 
     # ---- answers --------------------------------------------------------------------------------
+
+    def load_lora(self, raw: bytes) -> tuple[int, str]:
+        """vLLM's runtime LoRA loading: (status, body) for a {lora_name, lora_path} request."""
+        st = self.state
+        if not st.config.lora_updating:
+            return 404, json.dumps({"detail": "Not Found"})
+        try:
+            body = json.loads(raw or b"{}")
+            name, where = str(body["lora_name"]), str(body["lora_path"])
+        except (ValueError, KeyError, TypeError):
+            return 400, json.dumps({"error": {"message": "lora_name and lora_path are required"}})
+        if name in st.loras:
+            return 400, json.dumps({"error": {"message": f"The LoRA adapter {name!r} is already loaded."}})
+        if not Path(where, "adapter_config.json").is_file():
+            return 400, json.dumps({"error": {"message": f"no adapter_config.json under {where}"}})
+        st.loras[name] = where
+        return 200, f"Success: LoRA adapter {name!r} loaded."
 
     def batch_line(self, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A batch job's line, answered as an online request would be (`[[fail]]`: 500, `[[400]]`: 400)."""

@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from thresher.errors import ConfigError
+from thresher.errors import BackendError, ConfigError
 from thresher.evaluation.iterate import iterate
+from thresher.llms.testing import FaultServer
+from thresher.llms.vllm_lora import load_lora_adapter
 from thresher.trainer.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -26,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 DEMO = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "llama-factory-demo" / "alpaca_en_demo.json"
 
 
-def _recipe(tmp_path: Path, smol: Path, *, min_improvement: float, max_steps: int = 2) -> Path:
+def _recipe(tmp_path: Path, smol: Path, *, min_improvement: float, max_steps: int = 2,
+            serve: dict[str, Any] | None = None) -> Path:  # fmt: skip
     rows = json.loads(DEMO.read_text())
     (tmp_path / "heldout.json").write_text(json.dumps(rows[300:302]))
     data = {"name": "loop-data", "steps": {
@@ -41,7 +44,7 @@ def _recipe(tmp_path: Path, smol: Path, *, min_improvement: float, max_steps: in
                         "save_every": 1, "device": "cpu"},
               "eval": {"heldout": "heldout.json"},
               "iterate": {"model_steps": ["respond"], "min_improvement": min_improvement,
-                          "backend": {"device": "cpu"}}}  # fmt: skip
+                          "backend": {"device": "cpu"}, **(serve or {})}}  # fmt: skip
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -96,3 +99,31 @@ def test_iterate_checks_its_recipe(smol_hf_dir: Path, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ConfigError, match=r"model_steps names \['answer'\], not steps of"):
         iterate(path, tmp_path / "run", rounds=1)
+
+
+def test_loop_served_by_vllm_loads_each_rounds_adapter(smol_hf_dir: Path, tmp_path: Path) -> None:
+    # a server speaking vLLM's API (chat completions and runtime LoRA loading) answers as the current model: round 0
+    # asks the base, round 1 first loads round 0's adapter and asks it by its name; a resumed loop loads it again
+    with FaultServer(model="base") as server:
+        vllm = {"base_url": server.base_url, "model": "base", "max_concurrency": 2}
+        path = _recipe(tmp_path, smol_hf_dir, min_improvement=-100.0, serve={"serve": "vllm", "vllm": vllm})
+        state = iterate(path, tmp_path / "run", rounds=2)
+        r0, r1 = state["rounds"]
+        stats = server.stats()
+        (name,) = stats["loras"]
+        assert name.startswith("loop-round-0-") and Path(stats["loras"][name]) == Path(r0["adapter"]).resolve()
+        assert (r0["answered_by"], r1["answered_by"]) == ("base", name)
+        models = {b.get("model") for b in stats["bodies"]}
+        assert name in models  # round 1's rows were asked of the adapter
+        rows1 = json.loads((tmp_path / "run" / "round-1" / "train.json").read_text())
+        assert all(r["output"].startswith("reply to") for r in rows1)  # the server's answers are the data
+        # the same name again (a resumed run) is accepted; a server without runtime LoRA loading says what to set
+        assert load_lora_adapter(vllm, name, r0["adapter"])["model"] == name
+        server.configure(lora_updating=False)
+        with pytest.raises(BackendError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+            load_lora_adapter(vllm, "other", r0["adapter"])
+    bad = yaml.safe_load(path.read_text())
+    bad["iterate"]["vllm"] = {"model": "base"}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"needs iterate\.vllm\.base_url"):
+        iterate(path, tmp_path / "run2", rounds=1)
