@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                 {"kind": "transformers", "model": model_dir, "adapter": adapters["random"]},
                                 judge=judge, test_sets=["vicuna"], data_dir=DATA / "cherry-llm",
                                 max_prompts=args.judge_prompts, names=(m, "random"), answer_max_tokens=96,
-                                judge_max_tokens=48 if args.free_text_judge else 160,
+                                judge_max_tokens=48 if args.free_text_judge else 400,
                                 structured=not args.free_text_judge, out_dir=out / "pairwise" / m)  # fmt: skip
             (s,) = res.sets
             points = [{"win": 1, "tie": 0, "loss": -1}[p.outcome] for p in s.pairs if p.outcome]

@@ -131,7 +131,7 @@ JUDGE_SCHEMA = {
     "title": "pairwise_judgement",
     "type": "object",
     # maxLength: a few sentences, and a bound on a small judge that would otherwise run on inside the string
-    "properties": {"reason": {"type": "string", "maxLength": 400}, "score_a": _SCORE, "score_b": _SCORE},
+    "properties": {"reason": {"type": "string", "maxLength": 300}, "score_a": _SCORE, "score_b": _SCORE},
     "required": ["reason", "score_a", "score_b"],
 }
 
