@@ -87,8 +87,9 @@ def default_cache_path() -> Path:
         return Path(os.environ["THRESHER_CACHE"]).expanduser()
     if os.environ.get("THRESHER_CACHE_DIR"):
         return Path(os.environ["THRESHER_CACHE_DIR"]).expanduser() / "requests.sqlite"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "thresher" / "requests.sqlite"
+    from thresher.paths import user_cache_dir
+
+    return user_cache_dir() / "requests.sqlite"
 
 
 @dataclass

@@ -53,10 +53,11 @@ def dtype_kwarg(dtype: Any) -> dict[str, Any]:
 
 
 def conversion_dir() -> Path:
-    base = os.environ.get("THRESHER_MODEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "thresher", "hf-from-gguf"
-    )
-    return Path(base).expanduser()
+    from thresher.paths import user_cache_dir
+
+    if os.environ.get("THRESHER_MODEL_CACHE"):
+        return Path(os.environ["THRESHER_MODEL_CACHE"]).expanduser()
+    return user_cache_dir() / "hf-from-gguf"
 
 
 @contextlib.contextmanager

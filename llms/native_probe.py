@@ -99,8 +99,9 @@ class ProbeResult:
 def default_probe_cache() -> Path:
     if os.environ.get("THRESHER_PROBE_CACHE"):
         return Path(os.environ["THRESHER_PROBE_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "thresher" / "llama-probe.json"
+    from thresher.paths import user_cache_dir
+
+    return user_cache_dir() / "llama-probe.json"
 
 
 def probe_skipped_by_env() -> bool:

@@ -32,8 +32,9 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 
 
 def models_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "thresher" / "models"
+    from thresher.paths import user_cache_dir
+
+    return user_cache_dir() / "models"
 
 
 def requantized(src: Path, ftype: str) -> Path:

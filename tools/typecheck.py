@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ["errors", "pipelines", "data", "filters", "scorers", "llms", "generators", "rewriters", "report", "trainer", "evaluation", "cli"]
+PACKAGES = ["errors", "pipelines", "data", "filters", "scorers", "llms", "generators", "rewriters", "report", "trainer", "evaluation", "cli", "paths"]
 
 
 def main() -> int:

@@ -23,8 +23,9 @@ def index_root(index_dir: str | os.PathLike[str] | None = None) -> Path:
         return Path(index_dir).expanduser()
     if os.environ.get("THRESHER_INDEX_DIR"):
         return Path(os.environ["THRESHER_INDEX_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "thresher" / "retrieval"
+    from thresher.paths import user_cache_dir
+
+    return user_cache_dir() / "retrieval"
 
 
 def cached_index(root: Path, name: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
