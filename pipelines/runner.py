@@ -357,7 +357,7 @@ class RunResult:
     @classmethod
     def open(cls, run_dir: str | os.PathLike[str]) -> RunResult:
         """The run in `run_dir`, from its manifest.json (raises PipelineError when there is none)."""
-        run_dir = Path(run_dir)
+        run_dir = local_run_dir(run_dir)
         path = run_dir / MANIFEST
         if not path.is_file():
             raise PipelineError(f"{run_dir} is not a run directory: it has no {MANIFEST}")
@@ -413,6 +413,18 @@ class RunResult:
 # ---- the runner -----------------------------------------------------------------------------------
 
 
+def local_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """`run_dir` as a Path, refusing an object-store URI: a run directory relies on POSIX file locks, fsync and
+    atomic renames, which s3:// or gs:// do not give (and Path would quietly make a local folder named "s3:")."""
+    text = os.fspath(run_dir)
+    if "://" in text:
+        raise PipelineError(
+            f"run directory {text!r}: object stores are not supported as run directories (a run relies on file "
+            "locks, fsync and atomic renames); use local disk, or for a cluster a filesystem every node mounts (NFS)"
+        )
+    return Path(text)
+
+
 def open_run(run_dir: str | os.PathLike[str]) -> RunResult:
     """Read back what a run produced: manifest, each step's output/rejected/failed tables and metrics."""
     return RunResult.open(run_dir)
@@ -464,7 +476,7 @@ def _jsonable(v: Any) -> Any:
 class Runner:
     def __init__(self, pipeline: Pipeline, run_dir: str | Path, *, fresh: bool = False, progress: bool = True):
         self.pipeline = pipeline
-        self.run_dir = Path(run_dir)
+        self.run_dir = local_run_dir(run_dir)
         self.fresh = fresh
         self.progress = progress
         self.records: dict[str, StepRecord] = {}

@@ -333,3 +333,18 @@ def test_a_column_the_source_only_finds_late_is_checked_against_the_real_data(tm
     with pytest.raises(PipelineError, match=r"needs column\(s\) \['nowhere'\]"):
         missing.run(tmp_path / "missing", progress=False)
     assert calls(counters, "square") == 0
+
+
+def test_object_store_run_directory_is_refused_not_made_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Path("s3://bucket/run") would be a local folder named "s3:"; the run says what it needs instead
+    from thresher import open_run
+
+    monkeypatch.chdir(tmp_path)
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    for uri in ("s3://bucket/run", "gs://bucket/run"):
+        with pytest.raises(PipelineError, match="object stores are not supported as run directories"):
+            three_steps(counters).run(uri, progress=False)
+        with pytest.raises(PipelineError, match="filesystem every node mounts"):
+            open_run(uri)
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
