@@ -4,7 +4,7 @@ One llama.cpp decode call costs about the same for 1 token as for 8 on a small m
 either way), so answering one request at a time leaves most of a CPU's throughput unused. `BatchedDecoder` keeps up
 to `n_parallel` sequences live in one context, each with its own sequence id, positions and sampler chain, and every
 step decodes one batch that holds the next token of each generating sequence plus a chunk of the prompts still being
-read in. A finished sequence leaves (its KV cells are freed) and a waiting one takes its slot at the next step, so
+read in. A finished sequence leaves and a waiting one takes its slot at the next step, so
 the slots stay full however the requests arrive (continuous batching, as llama.cpp's own server does it).
 
 A slot keeps the KV of the tokens it last held when its sequence leaves. A prompt that begins like something already
