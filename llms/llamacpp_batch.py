@@ -26,6 +26,7 @@ import codecs
 import contextlib
 import ctypes
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thresher.errors import BackendError
+from thresher.llms.cpu_threads import ThreadTuner, usable_cores
 
 
 @dataclass
@@ -112,7 +114,9 @@ class BatchedDecoder:
     - n_parallel: sequences decoded together (slots).
     - n_ctx: context window of each sequence (prompt + completion); the context holds n_ctx × n_parallel cells.
     - n_batch: most tokens in one decode call (generating sequences first, then prompt chunks).
-    - n_threads, n_threads_batch: CPU threads for token generation and for prompt processing.
+    - n_threads, n_threads_batch: CPU threads for token generation and for prompt processing. Both None: chosen
+      while decoding by `cpu_threads.ThreadTuner`, between 1 and the usable cores, by measured speed; one given:
+      both fixed at it.
     - reuse_prefix: read a prompt from where it parts from the tokens already in the context (see the module's
       docstring); False reads every prompt whole.
     """
@@ -124,8 +128,8 @@ class BatchedDecoder:
         n_parallel: int,
         n_ctx: int,
         n_batch: int = 512,
-        n_threads: int = 1,
-        n_threads_batch: int = 1,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         reuse_prefix: bool = True,
     ) -> None:
         import llama_cpp
@@ -141,7 +145,17 @@ class BatchedDecoder:
         params.n_ctx = self.n_ctx * self.n_parallel
         params.n_seq_max = self.n_parallel
         params.n_batch = params.n_ubatch = self.n_batch
-        params.n_threads, params.n_threads_batch = int(n_threads), int(n_threads_batch)
+        # llama.cpp uses n_threads for a batch of one token and n_threads_batch for more: a step of several
+        # generating sequences runs on n_threads_batch, so the tuner sets both
+        self.tuner: ThreadTuner | None = None
+        if n_threads is None and n_threads_batch is None:
+            self.tuner = ThreadTuner(usable_cores())
+            threads = threads_batch = self.tuner.current
+        else:
+            threads = int(n_threads or n_threads_batch)  # type: ignore[arg-type]
+            threads_batch = int(n_threads_batch or n_threads)  # type: ignore[arg-type]
+        params.n_threads, params.n_threads_batch = threads, threads_batch
+        self.threads = threads
         # a KV stream per sequence: with one shared pool a sequence's attention spans the others' (masked) cells
         # too, and sums over a different length round differently than the same sequence decoded alone
         params.kv_unified = False
@@ -292,7 +306,7 @@ class BatchedDecoder:
         if generating:
             for j, seq in enumerate(generating):
                 self._put(j, seq.next_token, seq.pos, seq.sid, True)  # type: ignore[arg-type]
-            self._decode(len(generating))
+            self._decode(len(generating), generating=True)
             for j, seq in enumerate(generating):
                 self._held[seq.sid].append(seq.next_token)  # type: ignore[arg-type]
                 seq.pos += 1
@@ -345,9 +359,19 @@ class BatchedDecoder:
         b.seq_id[j][0] = sid
         b.logits[j] = 1 if logits else 0
 
-    def _decode(self, n: int) -> None:
+    def _decode(self, n: int, *, generating: bool = False) -> None:
+        tuner, threads = self.tuner, self.threads
+        if tuner is not None:
+            # trials on generation steps only: same-sized, back to back, so they compare
+            threads = tuner.threads(n) if generating else tuner.current
+            if threads != self.threads:
+                self._lc.llama_set_n_threads(self._ctx, threads, threads)
+                self.threads = threads
         self._batch.n_tokens = n
+        t0 = time.perf_counter()
         rc = self._lc.llama_decode(self._ctx, self._batch)
+        if tuner is not None and generating and rc == 0:
+            tuner.record(threads, n, time.perf_counter() - t0)
         self.steps += 1
         if rc != 0:
             raise BackendError(f"llama_decode returned {rc} for a batch of {n} tokens ({len(self._active)} sequences)")

@@ -268,7 +268,8 @@ def make_server(backend: LlamaCpp, host: str = "127.0.0.1", port: int = 8080, na
                 self._send(200, {"status": "ok", "requests": model.requests,
                                  "decode_steps": dec.steps if dec else 0,
                                  "peak_sequences": dec.peak_live if dec else 0,
-                                 "reused_prompt_tokens": dec.reused_tokens if dec else 0})  # fmt: skip
+                                 "reused_prompt_tokens": dec.reused_tokens if dec else 0,
+                                 "threads": dec.threads if dec else None})  # fmt: skip
             else:
                 self._error(404, f"no route {self.path}", "not_found_error")
 

@@ -81,8 +81,9 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         sys.executable, "-m", "thresher.llms.serve",
         "--host", "127.0.0.1", "--port", str(port),
         "--n-ctx", "2048", "--n-parallel", "8",
-        # one thread: llama.cpp's spinning threads crawl when other work shares the 2 cores
-        "--threads", "1", "--threads-batch", "1",
+        # threads: the default, chosen while decoding (cpu_threads.ThreadTuner). A fixed 1 kept llama.cpp's spinning
+        # threads from crawling when the tests' own work shared the 2 cores, but left the second core idle
+        # otherwise: the server-backed tests ran 266 s at 1 thread, 174 s tuned
     ]  # fmt: skip
     # the server's log goes to a file: llama.cpp's load report alone would fill a pipe and block the server
     log_path = tmp_path_factory.mktemp("llama_server") / "server.log"

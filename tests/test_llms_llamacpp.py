@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from thresher.llms import LlamaCpp, OpenAICompatible, make_backend, smollm2_gguf
+from thresher.llms.cpu_threads import usable_cores
 
 pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isolated_cache")]
@@ -66,6 +67,7 @@ def test_llama_server_chat_json_n_and_concurrency(llama_server: str) -> None:
     with urllib.request.urlopen(llama_server.removesuffix("/v1") + "/health", timeout=5) as r:
         health = json.loads(r.read())
     assert health["peak_sequences"] > 1  # the 8 requests in flight were decoded together
+    assert 1 <= health["threads"] <= usable_cores()  # chosen by measured speed (cpu_threads.ThreadTuner)
     # JSON: the server takes OpenAI's json_schema form and turns the schema into a grammar
     js = b.chat(
         [[{"role": "user", "content": "A person as JSON: name and age."}]],
