@@ -3,13 +3,13 @@
 
 Backends, all on the bundled SmolLM2-135M, same prompts (real Vicuna test-set questions), temperature 0:
 
-- one-at-a-time Q4_1   `LlamaCpp(n_parallel=1, requantize=None)`: llama-cpp-python's own path on the shipped weights
-                      (the embedded backend before batched decoding), at its default threads (half the CPUs)
-- one-at-a-time Q4_1 ×N the same with N threads, N the usable physical cores (shown when more than the default):
-                      batched ÷ this is the gain at equal threads
-- one-at-a-time Q8_0   `LlamaCpp(n_parallel=1)`: the same path on the weights the batched default loads
-- batched             `LlamaCpp(n_parallel=16)` given k requests at once, so k sequences are live, threads chosen
-                      while decoding (`cpu_threads.ThreadTuner`; the count it ended on is printed)
+- before               `LlamaCpp(n_parallel=1, requantize=None)`: the embedded backend before batched decoding
+                        (llama-cpp-python's one-at-a-time path, shipped Q4_1 weights, half the CPUs)
+- one at a time Q4_1 ×N  llama-cpp-python's path at its fastest here: Q4_1 and N threads (N: the usable physical
+                        cores, or --threads); batched ÷ this is what batching gains at equal threads
+- one at a time Q8_0 ×N  the same path on the weights the batched default loads
+- batched               `LlamaCpp(n_parallel=16)` given k requests at once, so k sequences are live; threads chosen
+                        while decoding (`cpu_threads.ThreadTuner`; the count it ended on is printed) or --threads
 
 Each figure is the best of `--repeats` runs, the backends interleaved, so a burst of other load on a shared machine
 hits all of them alike.
@@ -55,14 +55,15 @@ def main() -> None:
     a = ap.parse_args()
     os.environ["THRESHER_NO_CACHE"] = "1"
     kw = {"n_threads": a.threads, "n_threads_batch": a.threads_batch, "cache": False}
-    backends = {"one-at-a-time Q4_1": LlamaCpp(n_parallel=1, requantize=None, **kw)}
     cores = usable_cores()
-    if a.threads is None and cores > backends["one-at-a-time Q4_1"]._threads():
-        backends[f"one-at-a-time Q4_1 ×{cores}"] = LlamaCpp(
-            n_parallel=1, requantize=None, n_threads=cores, n_threads_batch=cores, cache=False
-        )
-    backends["one-at-a-time Q8_0"] = LlamaCpp(n_parallel=1, **kw)
-    backends["batched"] = LlamaCpp(n_parallel=max(a.sizes), **kw)
+    n = a.threads or cores
+    each = {"n_threads": n, "n_threads_batch": a.threads_batch or n, "cache": False}
+    backends = {
+        "before": LlamaCpp(n_parallel=1, requantize=None, **kw),
+        f"one at a time Q4_1 ×{n}": LlamaCpp(n_parallel=1, requantize=None, **each),
+        f"one at a time Q8_0 ×{n}": LlamaCpp(n_parallel=1, **each),
+        "batched": LlamaCpp(n_parallel=max(a.sizes), **kw),
+    }
     for b in backends.values():
         b.load()
         b.chat(prompts(1), max_tokens=4, temperature=0)  # warm: first-call allocations, the decoder
