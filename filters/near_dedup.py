@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,13 +178,20 @@ def _ivf_pairs(
     return i[ok], j[ok]
 
 
+#: searches each cluster's rows (row numbers into the vectors) with `find_pairs(vectors[rows], threshold, **search)`
+#: and returns their pairs in the clusters' order: one after another here, or elsewhere (the Ray runner: a task each)
+ClusterSearch = Callable[[list[np.ndarray], float, dict[str, Any]], list[DuplicatePairs]]
+
+
 def sharded_pairs(vectors: np.ndarray, threshold: float, *, shards: int, seed: int = 0, threads: int | None = None,
-                  **search: Any) -> DuplicatePairs:  # fmt: skip
+                  search_clusters: ClusterSearch | None = None, **search: Any) -> DuplicatePairs:  # fmt: skip
     """The pairs within k-means clusters only, for inputs whose one index would not fit in memory (the semantic
     dedup of NeMo Curator): the rows split into `shards` clusters (FAISS spherical k-means, seeded, trained on a
-    sample), and each cluster is searched on its own with `find_pairs` (`search`: its index options). A pair whose
-    rows fall in two clusters is not found; at a high threshold such pairs are rare, since a near duplicate is
-    nearly always closest to its twin's centroid. Work and index memory go with the largest cluster."""
+    sample), and each cluster is searched on its own with `find_pairs` (`search`: its index options), by
+    `search_clusters` when given (the clusters are independent, so they may be searched in parallel), else one
+    after another. A pair whose rows fall in two clusters is not found; at a high threshold such pairs are rare,
+    since a near duplicate is nearly always closest to its twin's centroid. Work and index memory go with the
+    largest cluster."""
     faiss = faiss_module(threads)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     n = x.shape[0] if x.ndim == 2 else 0
@@ -204,9 +211,13 @@ def sharded_pairs(vectors: np.ndarray, threshold: float, *, shards: int, seed: i
     src, dst, sims = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     sizes = np.bincount(label, minlength=k) if n else np.zeros(k, np.int64)
     kinds: set[str] = set()
-    for c in range(k):
-        rows = np.flatnonzero(label == c)
-        p = find_pairs(x[rows], threshold, seed=seed, threads=threads, **search)
+    clusters = [np.flatnonzero(label == c) for c in range(k)]
+    options = {"seed": seed, "threads": threads, **search}
+    if search_clusters is None:
+        found = [find_pairs(x[rows], threshold, **options) for rows in clusters]
+    else:
+        found = search_clusters(clusters, float(threshold), options)
+    for rows, p in zip(clusters, found, strict=True):
         kinds.add(p.index)
         src.append(rows[p.i])
         dst.append(rows[p.j])
@@ -217,7 +228,7 @@ def sharded_pairs(vectors: np.ndarray, threshold: float, *, shards: int, seed: i
     kind = "+".join(sorted(kinds)) or "flat"
     stats: dict[str, Any] = {"index": kind, "rows": n, "shards": k,
              "largest_shard": int(sizes.max()) if n else 0, "cluster_seconds": round(cluster_s, 3),
-             "pairs": len(lo)}  # fmt: skip
+             "pairs": len(lo), "cluster_search": getattr(search_clusters, "__name__", "given") if search_clusters else "sequential"}  # fmt: skip
     return DuplicatePairs(lo[order], hi[order], sim[order], float(threshold), kind, stats)
 
 
@@ -399,7 +410,9 @@ class NearDedup(EmbeddingStep, GlobalFilter):
         search: dict[str, Any] = {"index": self.index, "exact_below": self.exact_below, "nlist": self.nlist,
                                   "nprobe": self.nprobe, "seed": self.seed, "threads": self.threads}  # fmt: skip
         if self.shards is not None:
-            pairs = sharded_pairs(x, float(self.threshold), shards=self.shards, **search)
+            # the Ray runner sets cluster_search_: one task per cluster over the vectors file
+            pairs = sharded_pairs(x, float(self.threshold), shards=self.shards,
+                                  search_clusters=getattr(self, "cluster_search_", None), **search)  # fmt: skip
         else:
             pairs = find_pairs(x, float(self.threshold), **search)
         g = group_rows(x, pairs, grouping=self.grouping, priority=None if scores is None else order_by_score(scores))

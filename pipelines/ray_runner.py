@@ -19,7 +19,8 @@ request window stays full across batch boundaries, as `batches_in_flight()` does
 
 Global steps with a parallel part run in two stages: NearDedup's vectors are embedded by an actor pool (ranges
 committed as `.npy` files under `_vectors/`, resumable the same way), then the search and grouping run on the driver
-over the vectors memory-mapped. A generator whose rounds are row-parallel (EvolInstruct: `parallel_rounds`) has each
+over the vectors memory-mapped; with `shards`, each k-means cluster is searched by a Ray task of its own (the
+grouping stays on the driver). A generator whose rounds are row-parallel (EvolInstruct: `parallel_rounds`) has each
 round's batches made by an actor pool from what the round before committed; the driver commits them in batch order,
 so its resume is the local generator rule. Other global steps and generators, and a step in Batch API mode (its
 jobs go out from the driver), run on the driver as they do locally.
@@ -171,6 +172,30 @@ def two_stage(step: Step) -> bool:
     from thresher.filters.embedding import EmbeddingStep
 
     return isinstance(step, EmbeddingStep) and hasattr(type(step), "preset_vectors_") and step._uses_embedder()
+
+
+def _search_cluster(path: str, rows: Any, threshold: float, options: dict[str, Any]) -> Any:
+    """A Ray task: the pairs among `rows` of the vectors file (NearDedup's `find_pairs` over one k-means cluster).
+    It reads only its cluster's vectors, memory-mapped from the run directory."""
+    import numpy as np
+
+    from thresher.filters.near_dedup import find_pairs
+
+    x = np.load(path, mmap_mode="r")
+    return find_pairs(np.ascontiguousarray(x[rows]), threshold, **options)
+
+
+def cluster_search_on_ray(path: Path) -> Any:
+    """NearDedup's `search_clusters` for a sharded dedup on the cluster: a task per k-means cluster (one CPU each,
+    retried by Ray if its worker dies), its row numbers through the object store, the vectors read from `path`
+    (the run directory every node sees); the pairs come back to the driver, which groups them."""
+    ray = _ray()
+    task = ray.remote(num_cpus=1, max_retries=3)(_search_cluster)
+
+    def ray_tasks(clusters: list[Any], threshold: float, options: dict[str, Any]) -> list[Any]:
+        return list(ray.get([task.remote(str(path), rows, threshold, options) for rows in clusters]))
+
+    return ray_tasks
 
 
 # ---- reading rows by range ------------------------------------------------------------------------
@@ -476,10 +501,13 @@ class RayRunner(Runner):
             # the driver's part (index, search, grouping) reads the vectors memory-mapped: with `shards`, NearDedup
             # holds one k-means cluster's vectors at a time, not all of them
             step.preset_vectors_ = np.load(path, mmap_mode="r")  # type: ignore[attr-defined]
+            if getattr(step, "shards", None) is not None:  # its k-means clusters are searched by tasks, in parallel
+                step.cluster_search_ = cluster_search_on_ray(path)  # type: ignore[attr-defined]
             try:
                 super()._execute(name, step, parents, step_dir, rec)
             finally:
                 step.preset_vectors_ = None  # type: ignore[attr-defined]
+                step.cluster_search_ = None  # type: ignore[attr-defined]
             if not getattr(step, "store_vectors", False):  # as NearDedup keeps them locally, for rethreshold
                 path.unlink(missing_ok=True)
         else:

@@ -147,6 +147,30 @@ def test_recipe_under_ray_gives_the_local_tables(ray_cluster: str, llama_server:
     assert (step_dir(tmp_path / "ray", "dedup") / "vectors.npy").is_file()
 
 
+def test_sharded_near_dedup_searches_each_cluster_in_a_ray_task(ray_cluster: str, tmp_path: Path) -> None:
+    """NearDedup with `shards` under Ray: the vectors embedded by actors, each k-means cluster searched by a task of
+    its own, the grouping on the driver; the same kept and rejected rows, with the same reasons, as locally."""
+
+    def recipe(runner: str) -> Pipeline:
+        text = f"""
+        name: ray-sharded-dedup
+        runner: {runner}
+        ray: {{actors: 1}}
+        steps:
+          load: {{step: Load, params: {{path: {DATA.resolve()}, limit: 240}}}}
+          dedup: {{step: NearDedup, params: {{threshold: 0.6, shards: 3}}}}
+        """
+        return Pipeline.from_yaml(textwrap.dedent(text))
+
+    local = recipe("local").run(tmp_path / "local", progress=False)
+    on_ray = recipe("ray").run(tmp_path / "ray", progress=False)
+    same_tables(on_ray, local, ["dedup"])
+    m_local, m_ray = local.metrics("dedup"), on_ray.metrics("dedup")
+    assert m_local["shards"] == m_ray["shards"] == 3 and m_local["pairs"] == m_ray["pairs"] > 0
+    assert local.rejected("dedup").num_rows > 0
+    assert m_local["cluster_search"] == "sequential" and m_ray["cluster_search"] == "ray_tasks"
+
+
 def _wait_for(pred: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
