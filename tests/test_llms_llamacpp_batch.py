@@ -129,6 +129,30 @@ def test_waiting_requests_join_as_slots_free(conversations: list[list[dict[str, 
     assert [a.text for a in alone] == [r.text for r in res[:4]]  # type: ignore[union-attr]
 
 
+def test_sequences_left_on_scattered_slots_move_down_with_the_same_tokens(
+    conversations: list[list[dict[str, str]]], batched: LlamaCpp
+) -> None:
+    # 6 slots; the sequences on slots 0, 2 and 3 stop after 2 tokens, nothing waits: the three left (1, 4, 5) are
+    # moved down to 0-2, so each step is one piece for llama.cpp, not one per run of slots. Their tokens and
+    # log-probabilities are those of each decoded alone, bit for bit
+    reqs = _requests(batched, conversations[30:36], top=0, temperature=0)
+    for i, r in enumerate(reqs):
+        r.max_tokens = 24 if i in (1, 4, 5) else 2
+    dec = BatchedDecoder(batched.model_, n_parallel=6, n_ctx=1024)
+    solo = BatchedDecoder(batched.model_, n_parallel=1, n_ctx=1024)
+    try:
+        res = dec.generate(reqs)
+        alone = [solo.generate([r])[0] for r in reqs]
+    finally:
+        dec.close()
+        solo.close()
+    assert dec.moves >= 2
+    for a, r in zip(alone, res, strict=True):
+        assert not isinstance(a, Exception) and not isinstance(r, Exception)
+        assert a.text == r.text and a.completion_tokens == r.completion_tokens
+        assert [t.logprob for t in a.logprobs or []] == [t.logprob for t in r.logprobs or []]
+
+
 def test_threads_calling_one_backend_share_its_slots(conversations: list[list[dict[str, str]]]) -> None:
     b = LlamaCpp(n_parallel=8, cache=False)
     try:
