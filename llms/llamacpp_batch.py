@@ -432,13 +432,11 @@ class BatchedDecoder:
                 seq.text = seq.text[:cut]
                 self._finish(seq, "stop")
                 return
-        mt = seq.req.max_tokens
+        mt = seq.req.max_tokens or 0  # None or <= 0: no limit
         # a character cut in the middle of its UTF-8 bytes (CJK text: 3 bytes, often a token each) is finished
         # first, as llama-cpp-python's one-at-a-time path does: up to 3 tokens past max_tokens, never past the context
-        at_max = mt is not None and mt > 0 and seq.generated >= mt
-        if at_max and seq.utf8.getstate()[0] and seq.generated < mt + 3:  # type: ignore[operator]
-            at_max = False
-        if at_max or seq.pos >= self.n_ctx:
+        mid_char = bool(seq.utf8.getstate()[0]) and seq.generated < mt + 3
+        if (0 < mt <= seq.generated and not mid_char) or seq.pos >= self.n_ctx:
             self._finish(seq, "length")
             return
         seq.next_token = tok
