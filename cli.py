@@ -66,8 +66,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run directory (default: runs/<recipe name>). Finished steps found there are not run again.")
+@click.option("--out", "out", default=None,
+              help="Run directory (default: runs/<recipe name>), a local folder or an object store (s3://bucket/prefix: "
+                   "any pyarrow filesystem). Finished steps found there are not run again.")
 @click.option("--fresh", is_flag=True, help="Ignore and delete cached outputs of this recipe's steps first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or step messages.")
 @click.option("--export", "export", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -87,7 +88,7 @@ def main() -> None:
 @click.option("--address", default=None,
               help="--runner ray: the cluster to join (default: $RAY_ADDRESS, else a local cluster sized to this machine).")
 def run(
-    recipe: Path, out: Path | None, fresh: bool, quiet: bool, export: Path | None, layout: str, no_cache: bool,
+    recipe: Path, out: str | None, fresh: bool, quiet: bool, export: Path | None, layout: str, no_cache: bool,
     estimate: bool = False, estimate_sample: int = 8, estimate_fill: float = 0.5, no_report: bool = False,
     runner: str | None = None, address: str | None = None,
 ) -> None:
@@ -101,7 +102,7 @@ def run(
         os.environ["THRESHER_NO_CACHE"] = "1"  # read by every backend when it opens its request cache
 
     pipeline = load_recipe(recipe)
-    run_dir = out or Path("runs") / pipeline.name
+    run_dir = out or str(Path("runs") / pipeline.name)
     if estimate:
         click.echo(pipeline.estimate(None if fresh else run_dir, sample=estimate_sample, fill=estimate_fill).table())
         return
@@ -110,7 +111,7 @@ def run(
             raise click.UsageError("--address names a Ray cluster: use it with --runner ray (or `runner: ray`)")
         result = pipeline.run(run_dir, fresh=fresh, progress=not quiet, runner=runner, address=address)
     except BudgetExceeded as e:
-        click.echo(_steps_table(run_dir), err=True)
+        click.echo(_steps_table(_working_copy(run_dir)), err=True)
         raise click.ClickException(f"stopped: {e}") from None
     finally:  # a stopped or failed run gets its report too: it shows what each step did and which one failed
         if not no_report:
@@ -241,11 +242,18 @@ def cache_clear(path: Path | None, model: str | None, yes: bool) -> None:
     click.echo(f"deleted {n} answers")
 
 
-def _write_run_report(run_dir: Path, quiet: bool) -> None:
+def _working_copy(run_dir: str) -> Path:
+    """The local folder a run in `run_dir` worked in: the folder itself, or an object store's local copy."""
+    from thresher.pipelines.run_store import is_remote, mirror_of
+
+    return mirror_of(run_dir) if is_remote(run_dir) else Path(run_dir)
+
+
+def _write_run_report(run_dir: str, quiet: bool) -> None:
     """report.html at the end of `thresher run`; a report that cannot be written is logged, never a failed run."""
     import logging
 
-    if not (run_dir / "manifest.json").is_file():  # the run stopped before its first step
+    if not (_working_copy(run_dir) / "manifest.json").is_file():  # the run stopped before its first step
         return
     try:
         from thresher.report import write_report
@@ -260,12 +268,17 @@ def _write_run_report(run_dir: Path, quiet: bool) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_dir")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the HTML file (default: RUN_DIR/report.html).")
-def report(run_dir: Path, out: Path | None) -> None:
-    """Write the HTML report of the run in RUN_DIR: one self-contained file (figures inside, no network needed)."""
+def report(run_dir: str, out: Path | None) -> None:
+    """Write the HTML report of the run in RUN_DIR (a folder or an object store's URI): one self-contained file
+    (figures inside, no network needed)."""
+    from thresher.pipelines.run_store import is_remote
     from thresher.report import write_report
+
+    if not is_remote(run_dir) and not Path(run_dir).is_dir():
+        raise click.BadParameter(f"{run_dir!r} is not a folder", param_hint="RUN_DIR")
 
     click.echo(f"wrote {write_report(run_dir, out)}")
 
@@ -339,7 +352,7 @@ def demo(out: Path | None, size: str, language: str, no_train: bool, quiet: bool
     try:
         res = run_demo(run_dir, size=size, language=language, train=not no_train, progress=not quiet)
     finally:  # an interrupted demo gets its report too (what each step did so far)
-        _write_run_report(run_dir, quiet)
+        _write_run_report(str(run_dir), quiet)
     click.echo(_steps_table(run_dir))
     click.echo(f"curated set: {res.curated} ({res.curated_rows} rows of {res.final_step}, alpaca layout)")
     for path in res.exports:

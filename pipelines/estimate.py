@@ -418,7 +418,7 @@ def estimate(
 ) -> Estimate:
     """Expected requests, tokens and cost of running `pipeline` (in `run_dir`: its finished steps cost nothing)."""
     from thresher.pipelines.model_step import ModelStep
-    from thresher.pipelines.runner import check_pipeline, fingerprints, read_folder
+    from thresher.pipelines.runner import check_pipeline, fingerprints, local_run_dir, read_folder
 
     if sample < 1:
         raise ConfigError(f"estimate: sample must be >= 1, got {sample}")
@@ -427,7 +427,7 @@ def estimate(
     check_pipeline(pipeline)
     counter = token_counter(tokenizer)
     fps = fingerprints(pipeline)
-    rdir = Path(run_dir) if run_dir is not None else None
+    rdir = local_run_dir(run_dir) if run_dir is not None else None  # an object store's run: its local copy
     samples: dict[str, list[dict[str, Any]]] = {}
     rows: dict[str, int] = {}
     steps: list[StepEstimate] = []

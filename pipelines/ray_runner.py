@@ -27,8 +27,10 @@ jobs go out from the driver), run on the driver as they do locally.
 
 Secrets never enter Ray: a step travels as its class and its parameters without secrets, backend objects pickle
 without their keys, and workers read keys from their own environment (`api_key_env`). A step given an `api_key`
-parameter is refused before anything runs. The run directory must be a path that every node sees as the same
-folder (local disk for a one-machine cluster, NFS or another shared mount for several).
+parameter is refused before anything runs. The run directory is a path that every node sees as the same folder
+(local disk for a one-machine cluster, NFS or another shared mount for several), or an object store
+(`thresher.pipelines.run_store`): then each actor reads its input from the store and uploads what it commits from a
+scratch folder of its own, and the driver fetches each committed batch into its local copy.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from thresher.pipelines.runner import (
     _progress,
     _unified_schema,
     atomic_write_text,
+    batch_files,
     check_pipeline,
     commit_batch,
     committed_ranges,
@@ -174,26 +177,36 @@ def two_stage(step: Step) -> bool:
     return isinstance(step, EmbeddingStep) and hasattr(type(step), "preset_vectors_") and step._uses_embedder()
 
 
-def _search_cluster(path: str, rows: Any, threshold: float, options: dict[str, Any]) -> Any:
-    """A Ray task: the pairs among `rows` of the vectors file (NearDedup's `find_pairs` over one k-means cluster).
-    It reads only its cluster's vectors, memory-mapped from the run directory."""
+def _search_cluster(vectors: Any, rows: Any, threshold: float, options: dict[str, Any]) -> Any:
+    """A Ray task: the pairs among `rows` of the vectors (NearDedup's `find_pairs` over one k-means cluster).
+    `vectors` is the vectors file in the run directory, of which it reads only its cluster's rows (memory-mapped),
+    or the cluster's vectors themselves (`rows` None)."""
     import numpy as np
 
     from thresher.filters.near_dedup import find_pairs
 
-    x = np.load(path, mmap_mode="r")
+    if rows is None:
+        return find_pairs(np.ascontiguousarray(vectors), threshold, **options)
+    x = np.load(vectors, mmap_mode="r")
     return find_pairs(np.ascontiguousarray(x[rows]), threshold, **options)
 
 
-def cluster_search_on_ray(path: Path) -> Any:
+def cluster_search_on_ray(path: Path, *, shared: bool = True) -> Any:
     """NearDedup's `search_clusters` for a sharded dedup on the cluster: a task per k-means cluster (one CPU each,
-    retried by Ray if its worker dies), its row numbers through the object store, the vectors read from `path`
-    (the run directory every node sees); the pairs come back to the driver, which groups them."""
+    retried by Ray if its worker dies); the pairs come back to the driver, which groups them. `shared`: the run
+    directory is a folder every node sees, so a task gets its row numbers and reads their vectors from `path`;
+    else (a run directory on an object store, the vectors file in the driver's local copy) the cluster's vectors
+    travel in Ray's object store."""
     ray = _ray()
     task = ray.remote(num_cpus=1, max_retries=3)(_search_cluster)
 
     def ray_tasks(clusters: list[Any], threshold: float, options: dict[str, Any]) -> list[Any]:
-        return list(ray.get([task.remote(str(path), rows, threshold, options) for rows in clusters]))
+        if shared:
+            return list(ray.get([task.remote(str(path), rows, threshold, options) for rows in clusters]))
+        import numpy as np
+
+        x = np.load(path, mmap_mode="r")
+        return list(ray.get([task.remote(np.asarray(x[rows]), None, threshold, options) for rows in clusters]))
 
     return ray_tasks
 
@@ -201,30 +214,33 @@ def cluster_search_on_ray(path: Path) -> Any:
 # ---- reading rows by range ------------------------------------------------------------------------
 
 
-def shard_index(folder: Path) -> tuple[list[tuple[str, int, int]], pa.Schema | None]:
-    """(path, first row, rows) of each output shard of a step, and their common schema: what a worker needs to read
-    any range without listing the folder again."""
+def shard_index(folder: Path, root: Path) -> tuple[list[tuple[str, int, int]], pa.Schema | None]:
+    """(path relative to the run directory `root`, first row, rows) of each output shard of a step, and their common
+    schema: what a worker needs to read any range without listing the folder again."""
     files = list_shards(folder)
     index = []
     first = 0
     for f in files:
         n = pq.read_metadata(f).num_rows
-        index.append((str(f), first, n))
+        index.append((f.relative_to(root).as_posix(), first, n))
         first += n
     return index, _unified_schema(files)
 
 
 def read_rows(index: Sequence[tuple[str, int, int]], schema: pa.Schema | None, start: int, end: int,
-              last: dict[str, Any] | None = None) -> pa.Table:  # fmt: skip
+              last: dict[str, Any] | None = None, *, open_file: Any = None) -> pa.Table:  # fmt: skip
     """Rows [start, end) of the shards in `index`, reading only the row groups that hold them. `last` keeps the
-    row group read last, so the batches of one group that reach one actor in turn decode it once."""
+    row group read last, so the batches of one group that reach one actor in turn decode it once. `open_file`
+    turns an index path into what ParquetFile reads (a path, or an object store's file)."""
     last = {} if last is None else last
+    open_file = open_file or (lambda p: p)
     parts = []
     for path, first, n in index:
         if first + n <= start or first >= end:
             continue
         a, b = max(start, first) - first, min(end, first + n) - first
-        pf = pq.ParquetFile(path)
+        files = last.setdefault("files", {})  # opened once per actor: on an object store an open is a request
+        pf = files.get(path) or files.setdefault(path, pq.ParquetFile(open_file(path)))
         at = 0
         for g in range(pf.num_row_groups):
             m = pf.metadata.row_group(g).num_rows
@@ -264,10 +280,22 @@ def _vector_ranges(folder: Path) -> list[tuple[int, int]]:
 class _StepWorker:
     """What every actor of a step's pool does once: note its process, rebuild the step, load it."""
 
-    def __init__(self, *, name: str, step_cls: type[Step], params: dict[str, Any], step_dir: str,
+    def __init__(self, *, name: str, step_cls: type[Step], params: dict[str, Any], run_dir: str, step_rel: str,
                  parallel: bool = False) -> None:  # fmt: skip
-        self.name, self.step_dir = name, Path(step_dir)
+        from thresher.pipelines.run_store import RemoteRunDir, is_remote
+
+        self.name = name
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # A run directory on an object store: this actor works in a scratch copy of its own and uploads each file it
+        # commits (the store's credentials come from this node's environment); else the folder every node sees.
+        self.store: RemoteRunDir | None = None
+        if is_remote(run_dir):
+            import tempfile
+
+            self.scratch = tempfile.TemporaryDirectory(prefix="thresher-worker-")
+            self.store = RemoteRunDir(run_dir, local=Path(self.scratch.name))
+        self.root = self.store.local if self.store is not None else Path(run_dir)
+        self.step_dir = self.root / step_rel
         self.lock = threading.Lock()
         # Two calls run at once in an actor, so one batch's reading and committing overlap the other's compute (as
         # the local runner's prefetch and writer threads do). A step computes one batch at a time, as it does
@@ -279,6 +307,7 @@ class _StepWorker:
             json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}),
             fsync=False,
         )
+        self._publish(self.step_dir / WORKERS / f"{self.id}.json")
         # A step that cannot be built or loaded (a bad parameter, a missing model) would fail the same way on every
         # actor restart: the error goes to the driver with the first batch, whole, as a local run raises it.
         self.load_error: Exception | None = None
@@ -290,12 +319,23 @@ class _StepWorker:
         except Exception as e:
             self.load_error = e
 
+    def _publish(self, *paths: Path, drop: bool = False) -> None:
+        """Upload files this actor committed to the object store the run directory is on, in the order given (a
+        batch's side outputs before its output shard); `drop`: remove the scratch copies after. No-op otherwise."""
+        if self.store is None:
+            return
+        self.store.push(paths)
+        if drop:
+            for p in paths:
+                p.unlink(missing_ok=True)
+
     def _save_metrics(self) -> None:
         with self.lock:
             metrics = self.step.metrics()
             if metrics:
                 path = self.step_dir / ACTOR_METRICS / f"{self.id}.json"
                 atomic_write_text(path, json.dumps(_jsonable(metrics)), fsync=False)
+                self._publish(path)
 
 
 class RangeWorker(_StepWorker):
@@ -327,8 +367,13 @@ class RangeWorker(_StepWorker):
                 out[key].append(value)
         return out
 
+    def _open(self, rel: str) -> Any:
+        if self.store is not None:
+            return self.store.fs.open_input_file(self.store.remote(rel))
+        return str(self.root / rel)
+
     def _one(self, start: int, end: int) -> tuple[Any, ...]:
-        table = read_rows(self.index, self.schema, start, end, self.last_group)
+        table = read_rows(self.index, self.schema, start, end, self.last_group, open_file=self._open)
         if table.num_rows != end - start:
             raise StepError(f"step {self.name!r}: read {table.num_rows} input rows for [{start}, {end})")
         if self.mode == "vectors":
@@ -342,6 +387,7 @@ class RangeWorker(_StepWorker):
                 res = apply_row_step(self.step, self.name, table)
             self._save_metrics()  # before the shard: a crash may over-count one batch's usage, never under-count
             commit_batch(self.step_dir, start, end, res)
+            self._publish(*batch_files(self.step_dir, start, end), drop=True)
             counts = tuple(t.num_rows if t is not None else 0 for t in (res.output, res.rejected, res.failed))  # type: ignore[assignment]
             schema = res.output.schema.serialize().to_pybytes()
         return (start, end, *counts, schema, b"")
@@ -359,6 +405,7 @@ class RangeWorker(_StepWorker):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+        self._publish(final, drop=True)
 
 
 class RoundWorker(_StepWorker):
@@ -366,11 +413,18 @@ class RoundWorker(_StepWorker):
     the versions committed before that round, and hands it to the driver, which commits the batches in order."""
 
     def __init__(self, *, inputs: list[str], **kw: Any) -> None:
-        from thresher.pipelines.runner import read_folder
-
-        self.tables = [read_folder(Path(p)) for p in inputs]
+        self.inputs = inputs  # the parents' output folders, relative to the run directory
         self.prepared: tuple[int, Any] | None = None
         super().__init__(**kw)
+        self.tables = [self._read(rel) for rel in inputs]
+
+    def _read(self, rel: str) -> pa.Table:
+        """A folder of the run directory as one table (fetched from the object store first when there is one)."""
+        from thresher.pipelines.runner import read_folder
+
+        if self.store is not None:
+            self.store.pull(self.root / rel)
+        return read_folder(self.root / rel)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[Any]]:
         import pickle
@@ -391,11 +445,9 @@ class RoundWorker(_StepWorker):
         return out
 
     def _one(self, round_: int, a: int, b: int, state: dict[str, int]) -> Any:
-        from thresher.pipelines.runner import read_folder
-
         with self.lock:  # the round's starting versions, read once per actor and round
             if self.prepared is None or self.prepared[0] != round_:
-                committed = read_folder(self.step_dir / "output")
+                committed = self._read((self.step_dir / "output").relative_to(self.root).as_posix())
                 self.prepared = (round_, self.step.round_inputs(self.tables, committed, round_))  # type: ignore[attr-defined]
             prepared = self.prepared[1]
         with self.compute:
@@ -502,7 +554,7 @@ class RayRunner(Runner):
             # holds one k-means cluster's vectors at a time, not all of them
             step.preset_vectors_ = np.load(path, mmap_mode="r")  # type: ignore[attr-defined]
             if getattr(step, "shards", None) is not None:  # its k-means clusters are searched by tasks, in parallel
-                step.cluster_search_ = cluster_search_on_ray(path)  # type: ignore[attr-defined]
+                step.cluster_search_ = cluster_search_on_ray(path, shared=self.store is None)  # type: ignore[attr-defined]
             try:
                 super()._execute(name, step, parents, step_dir, rec)
             finally:
@@ -523,7 +575,7 @@ class RayRunner(Runner):
         import pickle
 
         plan = step.batch_plan(tables[0].num_rows if tables else 0, checkpoint.state)  # type: ignore[attr-defined]
-        inputs = [str(self._parent_dir(p)) for p in self.pipeline.nodes[name].parents]
+        inputs = [self._parent_dir(p).relative_to(self.run_dir).as_posix() for p in self.pipeline.nodes[name].parents]
         number = checkpoint.batches
         for round_ in sorted({p[0] for p in plan}):
             items = [{"number": checkpoint.batches + i, "round": r, "a": a, "b": b, "state": json.dumps(nxt)}
@@ -565,7 +617,7 @@ class RayRunner(Runner):
     def _map_ranges(self, mode: str, name: str, step: Step, todo: list[tuple[int, int]], src: Path,
                     step_dir: Path) -> Iterator[dict[str, Any]]:  # fmt: skip
         """Run `todo` through the step's actor pool; yields each range's result as it finishes (any order)."""
-        index, schema = shard_index(src)
+        index, schema = shard_index(src, self.run_dir)
         kwargs = {"mode": mode, "index": index, "schema": schema.serialize().to_pybytes() if schema is not None else None}
         items = [{"start": a, "end": b} for a, b in todo]
         return self._map_items(name, step, step_dir, items, RangeWorker, kwargs)
@@ -585,7 +637,9 @@ class RayRunner(Runner):
             compute=strategy,
             num_cpus=pool["num_cpus"],
             num_gpus=pool["num_gpus"] or None,
-            fn_constructor_kwargs={"name": name, "step_cls": type(step), "params": params, "step_dir": str(step_dir),
+            fn_constructor_kwargs={"name": name, "step_cls": type(step), "params": params,
+                                   "run_dir": self.store.uri if self.store is not None else str(self.run_dir),
+                                   "step_rel": step_dir.relative_to(self.run_dir).as_posix(),
                                    "parallel": pool["parallel"], **kwargs},
         )  # fmt: skip
         self._say(f"{name}: {len(items)} batches on {pool['actors']} Ray actor(s)")
@@ -600,6 +654,9 @@ class RayRunner(Runner):
     def _prior(self, step_dir: Path) -> dict[str, Any]:
         """Metrics of every actor that ever worked on the step (and of a local attempt before them), summed."""
         total: dict[str, Any] = {}
+        if self.store is not None:  # what the actors wrote to the object store: into the local copy
+            for folder in (ACTOR_METRICS, WORKERS):
+                self.store.pull(step_dir / folder, exact=False)
         files = [step_dir / METRICS] if (step_dir / METRICS).is_file() else []
         if (step_dir / ACTOR_METRICS).is_dir():
             files += sorted((step_dir / ACTOR_METRICS).glob("*.json"))
@@ -619,11 +676,17 @@ class RayRunner(Runner):
             for r in self._map_ranges("batch", name, step, todo, src, step_dir):
                 start, end = int(r["start"]), int(r["end"])
                 _raise_error(r)
+                files = batch_files(step_dir, start, end)
+                if self.store is not None:  # the worker committed the batch to the object store: into the local copy
+                    counts = (int(r["rows_rejected"]), int(r["rows_failed"]), 1)
+                    self.store.fetch([f for f, n in zip(files, counts, strict=True) if n])
                 try:
                     schema = _check_batch_schema(name, schema, pa.ipc.read_schema(pa.py_buffer(r["schema"])), start, end)
                 except StepError:
-                    for side in ("output", "rejected", "failed"):  # committed by the worker: taken back
-                        (step_dir / side / _range_name(start, end, ".parquet")).unlink(missing_ok=True)
+                    for f in reversed(files):  # committed by the worker: taken back, output shard first
+                        f.unlink(missing_ok=True)
+                    if self.store is not None:
+                        self.store.delete(reversed(files))
                     raise
                 bar.update(end - start)
             left = pending_ranges(committed_ranges(step_dir), total, bs)
@@ -663,6 +726,8 @@ class RayRunner(Runner):
         if todo:
             for r in self._map_ranges("vectors", name, step, todo, src, step_dir):
                 _raise_error(r)
+                if self.store is not None:  # committed by the worker to the object store: into the local copy
+                    self.store.fetch([step_dir / VECTORS / _range_name(int(r["start"]), int(r["end"]), ".npy")])
                 bar.update(int(r["end"]) - int(r["start"]))
         bar.close()
         self._prior_metrics[name] = self._prior(step_dir)

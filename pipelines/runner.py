@@ -24,11 +24,13 @@ Before `_done.json` is written, the step's folders are fsynced, so after a machi
 has every shard whole. `manifest.json` at the top of the run directory is rewritten atomically after every state
 change: each step's parameters (secrets redacted), fingerprint, status, start and end times, row accounting and
 metrics (LLM usage and cost), and the versions of thresher, Python and the model libraries. `open_run(run_dir)`
-reads it all back.
+reads it all back. A run directory on an object store (s3://, gs://, ...) is worked on in a local copy that uploads
+each commit as it is made: `thresher.pipelines.run_store`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,7 +39,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,7 +359,7 @@ class RunResult:
     @classmethod
     def open(cls, run_dir: str | os.PathLike[str]) -> RunResult:
         """The run in `run_dir`, from its manifest.json (raises PipelineError when there is none)."""
-        run_dir = local_run_dir(run_dir)
+        run_dir = local_run_dir(run_dir)  # an object store's run: read from its working copy
         path = run_dir / MANIFEST
         if not path.is_file():
             raise PipelineError(f"{run_dir} is not a run directory: it has no {MANIFEST}")
@@ -414,15 +416,12 @@ class RunResult:
 
 
 def local_run_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """`run_dir` as a Path, refusing an object-store URI: a run directory relies on POSIX file locks, fsync and
-    atomic renames, which s3:// or gs:// do not give (and Path would quietly make a local folder named "s3:")."""
-    text = os.fspath(run_dir)
-    if "://" in text:
-        raise PipelineError(
-            f"run directory {text!r}: object stores are not supported as run directories (a run relies on file "
-            "locks, fsync and atomic renames); use local disk, or for a cluster a filesystem every node mounts (NFS)"
-        )
-    return Path(text)
+    """The local folder a run works in: `run_dir` itself, or for an object-store URI (s3://, gs://, ...) its local
+    working copy, made equal to the store (`thresher.pipelines.run_store`: Path alone would quietly make a local
+    folder named "s3:")."""
+    from thresher.pipelines.run_store import working_dir
+
+    return working_dir(run_dir)
 
 
 def open_run(run_dir: str | os.PathLike[str]) -> RunResult:
@@ -475,8 +474,12 @@ def _jsonable(v: Any) -> Any:
 
 class Runner:
     def __init__(self, pipeline: Pipeline, run_dir: str | Path, *, fresh: bool = False, progress: bool = True):
+        from thresher.pipelines.run_store import RemoteRunDir, is_remote
+
         self.pipeline = pipeline
-        self.run_dir = local_run_dir(run_dir)
+        # a run directory on an object store: the run works in a local copy and uploads each commit as it goes
+        self.store = RemoteRunDir(os.fspath(run_dir)) if is_remote(run_dir) else None
+        self.run_dir = self.store.local if self.store is not None else Path(os.fspath(run_dir).removeprefix("file://"))
         self.fresh = fresh
         self.progress = progress
         self.records: dict[str, StepRecord] = {}
@@ -497,6 +500,12 @@ class Runner:
             "steps": {n: _jsonable(vars(r)) for n, r in self.records.items()},
         }
         atomic_write_text(self.run_dir / MANIFEST, json.dumps(doc, indent=2, ensure_ascii=False))
+        self._upload(self.run_dir / MANIFEST)
+
+    def _upload(self, *paths: Path) -> None:
+        """Copy committed files to the object store the run directory is on (in the order given); no-op locally."""
+        if self.store is not None:
+            self.store.push(paths)
 
     # running -----------------------------------------------------------------------------------
 
@@ -505,7 +514,10 @@ class Runner:
 
         check_pipeline(self.pipeline)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with _RunLock(self.run_dir):
+        with _RunLock(self.run_dir), (self.store.lease() if self.store is not None else contextlib.nullcontext()):
+            if self.store is not None:  # the working copy starts as what the store holds, whatever was here before
+                fetched = self.store.pull()
+                self._say(f"run directory {self.store.uri}: {fetched} files fetched into {self.run_dir}")
             budget.start_run()  # max_cost_usd bounds what this run spends, over all of its steps
             return self._run()
 
@@ -524,6 +536,8 @@ class Runner:
         if self.fresh:
             for rec in self.records.values():
                 shutil.rmtree(self.run_dir / rec.dir, ignore_errors=True)
+                if self.store is not None:
+                    self.store.remove(self.run_dir / rec.dir)
         self._write_manifest()
         for node in self.pipeline.nodes.values():
             rec = self.records[node.name]
@@ -573,6 +587,8 @@ class Runner:
             # every shard's rename reaches the disk before the mark that says the step is finished
             sync_dirs(*(step_dir / side for side in (*SIDES, STATE)), step_dir)
             atomic_write_text(done, json.dumps(stats, indent=2))
+            if self.store is not None:  # the store's copy of the step as the mirror's (resume deletions too), mark last
+                self.store.sync_up(step_dir, last=[done])
             rec.status = "done"
             self._write_manifest()
             self._say(
@@ -634,7 +650,7 @@ class Runner:
         self._prior_metrics[name] = prior
         bar = _progress(total, name, done_rows, self.progress)
         schema = _unified_schema(list_shards(step_dir / "output"))
-        with _ShardWriter(step_dir) as writer:  # writes batch i while the step computes batch i+1
+        with _ShardWriter(step_dir, self._batch_uploader(step_dir)) as writer:  # batch i written while i+1 computes
             batches = map_batches(step, name, prefetch(read_ranges(src, todo, bs)))
             for (start, end), (batch, out) in zip(todo, batches, strict=False):
                 if batch.num_rows != end - start:
@@ -703,6 +719,8 @@ class Runner:
             atomic_write_text(step_dir / STATE / _state_name(number), json.dumps(state_doc, ensure_ascii=False))
             sync_dirs(step_dir / STATE)
             commit_batch(step_dir, number, number + 1, out)
+            self._upload(step_dir / METRICS, step_dir / STATE / _state_name(number),
+                         *batch_files(step_dir, number, number + 1))  # fmt: skip
             number += 1
             bar.update(out.output.num_rows)
         bar.close()
@@ -717,6 +735,12 @@ class Runner:
                 f"generator {name!r}: its committed shards hold {rec.rows_out} out + {rec.rows_rejected} rejected + "
                 f"{rec.rows_failed} failed rows but its batches counted {candidates} candidates"
             )
+
+    def _batch_uploader(self, step_dir: Path) -> Callable[[int, int], None] | None:
+        """What uploads a committed row-step batch to the object store (None for a local run directory)."""
+        if self.store is None:
+            return None
+        return lambda start, end: self._upload(step_dir / METRICS, *batch_files(step_dir, start, end))
 
     def _generated_batches(self, name: str, step: Generator, tables: list[pa.Table], checkpoint: Checkpoint,
                            step_dir: Path) -> Iterator[GeneratedBatch]:  # fmt: skip
@@ -749,6 +773,11 @@ class Runner:
                 atomic_write_parquet(table.slice(a, b - a), step_dir / side / shard_name(a, b))
 
 
+def batch_files(step_dir: Path, start: int, end: int) -> list[Path]:
+    """The files one committed batch may have, in commit order (side outputs, then the output shard)."""
+    return [step_dir / side / shard_name(start, end) for side in ("rejected", "failed", "output")]
+
+
 def commit_batch(step_dir: Path, start: int, end: int, out: BatchOutput) -> None:
     """Persist one batch: side outputs first, the output shard last (its presence marks the batch committed)."""
     fname = shard_name(start, end)
@@ -766,8 +795,9 @@ class _ShardWriter:
     queued when the process dies was never committed, which resume handles like any unfinished batch.
     """
 
-    def __init__(self, step_dir: Path) -> None:
+    def __init__(self, step_dir: Path, after: Callable[[int, int], None] | None = None) -> None:
         self.step_dir = step_dir
+        self.after = after  # called with (start, end) once a batch is committed (its upload to an object store)
         self.queue: queue.Queue[tuple[int, int, BatchOutput, dict[str, Any]] | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="thresher-shard-writer", daemon=True)
@@ -784,6 +814,8 @@ class _ShardWriter:
                     if metrics:  # before the shard: a crash may over-count one batch's usage, never under-count
                         atomic_write_text(self.step_dir / METRICS, json.dumps(_jsonable(metrics)), fsync=False)
                     commit_batch(self.step_dir, start, end, out)
+                    if self.after is not None:
+                        self.after(start, end)
                 except BaseException as e:  # surfaced to the caller on its next put() or at exit
                     self.error = e
 

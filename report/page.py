@@ -302,9 +302,17 @@ def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
         import matplotlib  # noqa: F401
     except ImportError as e:
         raise ImportError("the run report draws its figures with matplotlib: pip install matplotlib") from e
-    text = build_report(run_dir)
-    path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    from thresher.pipelines.run_store import RemoteRunDir, is_remote
+
+    store = RemoteRunDir(os.fspath(run_dir)) if is_remote(run_dir) else None
+    if store is not None:  # a run on an object store: read from its local copy; the report goes to the store too
+        store.pull()
+    local = store.local if store is not None else Path(run_dir)
+    text = build_report(local)
+    path = Path(out) if out is not None else local / REPORT_FILE
     atomic_write_text(path, text, fsync=False)
+    if store is not None and out is None:
+        store.push([path])
     return path
 
 

@@ -1,5 +1,5 @@
 """Steps used by the pipeline tests: they count their work in files, so tests (and killed subprocesses) can prove
-which steps ran and how many batches each processed."""
+which steps ran and how many batches each processed. Also the checks and the Ray cluster those tests share."""
 
 from __future__ import annotations
 
@@ -156,3 +156,25 @@ class Expand(ModelStep, Generator):
             bump(self.counter_dir, "expand_batches")
             yield GeneratedBatch(output=out, rejected=rejected, failed=failed, candidates=len(picks),
                                  state={"made": made, "asked": asked, "batch": number})
+
+
+def same_tables(a: Any, b: Any, steps: list[str]) -> None:
+    """Two runs gave the same output, rejected and failed tables for `steps` (sorted by id: Ray commits out of order)."""
+    for s in steps:
+        for side in ("table", "rejected", "failed"):
+            ta, tb = getattr(a, side)(s), getattr(b, side)(s)
+            if "id" in ta.column_names:
+                ta, tb = ta.sort_by("id"), tb.sort_by("id")
+            assert ta.equals(tb), f"{s} {side} differs"
+
+
+def start_test_ray() -> Any:
+    """A local Ray cluster for one test module (2 CPUs, 200 MB object store) whose workers import these steps;
+    returns the ray module (the caller shuts it down)."""
+    import ray
+
+    tests = str(Path(__file__).parent)
+    path = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    ray.init(num_cpus=2, object_store_memory=int(2e8), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})  # fmt: skip
+    return ray

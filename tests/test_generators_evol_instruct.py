@@ -336,6 +336,23 @@ def evol_pipeline(server: FaultServer, data: Path, **kw: Any) -> Pipeline:
     return pipe
 
 
+def evolved_locally_and_on_ray(server: FaultServer, tmp_path: Path, run_dir: str | Path) -> tuple[Any, Any]:
+    """The same 20 rows evolved by a local run (in tmp_path/local) and by a Ray run in `run_dir` (one actor): both
+    runs, after checking that the Ray run asked the server what the local run asked and gave the same tables."""
+    server.configure(script=en_script())
+    write_rows(tmp_path / "rows.jsonl", 20)
+    local = evol_pipeline(server, tmp_path / "rows.jsonl", cache=False).run(tmp_path / "local", progress=False)
+    asked_locally = server.stats()["total"]
+    server.reset()
+    pipe = evol_pipeline(server, tmp_path / "rows.jsonl", cache=False)
+    pipe.ray_options = {"actors": 1}
+    on_ray = pipe.run(run_dir, progress=False, runner="ray")
+    assert server.stats()["total"] == asked_locally > 0
+    for side in ("table", "rejected", "failed"):
+        assert getattr(on_ray, side)("evol").equals(getattr(local, side)("evol")), side
+    return local, on_ray
+
+
 def test_a_crash_resumes_without_redoing_accepted_work(fault: FaultServer, tmp_path: Path) -> None:
     """The step dies after its 5th batch's requests were answered but before that batch was committed: the rerun
     rebuilds every lineage's current version from the committed rows, asks only what the torn batch had not been

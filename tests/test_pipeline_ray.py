@@ -24,7 +24,7 @@ from thresher.pipelines.runner import committed_ranges, list_shards, pending_ran
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
-from pipeline_steps import EvenOnly, Numbers, Square, count  # noqa: E402
+from pipeline_steps import EvenOnly, Numbers, Square, count, same_tables, start_test_ray  # noqa: E402
 
 DATA = Path("../shared/data/self-instruct/user_oriented_instructions.jsonl")
 
@@ -43,15 +43,6 @@ def two_steps(counters: Path | None = None, *, n: int = 200, sleep: float = 0.0)
 
 def step_dir(run_dir: Path, name: str) -> Path:
     return next((run_dir / "steps").glob(f"{name}-*"))
-
-
-def same_tables(a: Any, b: Any, steps: list[str]) -> None:
-    for s in steps:
-        for side in ("table", "rejected", "failed"):
-            ta, tb = getattr(a, side)(s), getattr(b, side)(s)
-            if "id" in ta.column_names:
-                ta, tb = ta.sort_by("id"), tb.sort_by("id")
-            assert ta.equals(tb), f"{s} {side} differs"
 
 
 # ---- resume with gaps (both runners) ----------------------------------------------------------------
@@ -93,10 +84,8 @@ def test_local_resume_keeps_committed_batches_after_a_gap(tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
     """A local Ray cluster for this module (2 CPUs, 200 MB object store); its workers import the test steps."""
-    ray = pytest.importorskip("ray")
-    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    ray.init(num_cpus=2, object_store_memory=int(2e8), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})  # fmt: skip
+    pytest.importorskip("ray")
+    ray = start_test_ray()
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -364,19 +353,9 @@ def test_two_actors_keep_the_steps_max_concurrency_together(ray_cluster: str, fa
 def test_evol_instruct_rounds_run_row_parallel_on_the_cluster(ray_cluster: str, fault: Any, tmp_path: Path) -> None:
     """Each round's batches are made by the pool (from the versions the round before committed) and committed in
     order by the driver: the same rows, rejections and requests as a local run."""
-    from test_generators_evol_instruct import en_script, evol_pipeline, write_rows
+    from test_generators_evol_instruct import evolved_locally_and_on_ray
 
-    fault.configure(script=en_script())
-    write_rows(tmp_path / "rows.jsonl", 20)
-    local = evol_pipeline(fault, tmp_path / "rows.jsonl", cache=False).run(tmp_path / "local", progress=False)
-    asked_locally = fault.stats()["total"]
-    fault.reset()
-    pipe = evol_pipeline(fault, tmp_path / "rows.jsonl", cache=False)
-    pipe.ray_options = {"actors": 1}
-    on_ray = pipe.run(tmp_path / "ray", progress=False, runner="ray")
-    assert fault.stats()["total"] == asked_locally > 0
-    for side in ("table", "rejected", "failed"):
-        assert getattr(on_ray, side)("evol").equals(getattr(local, side)("evol")), side
+    local, on_ray = evolved_locally_and_on_ray(fault, tmp_path, tmp_path / "ray")
     a, b = on_ray.steps["evol"], local.steps["evol"]
     assert (a.candidates, a.rows_out, a.rows_rejected) == (b.candidates, b.rows_out, b.rows_rejected)
     assert on_ray.metrics("evol")["requests"] == local.metrics("evol")["requests"]
