@@ -90,6 +90,21 @@ class EvenOnly(Filter):
         return [x % 2 == 0 for x in sq], [f"square {x} is odd" for x in sq]
 
 
+class WhereAmI(RowStep):
+    """A step for a CUDA device: notes, per row, the GPUs Ray gave its actor (CUDA_VISIBLE_DEVICES) and its process.
+    It touches no device, so a cluster of logical GPUs (Ray's resources are counts) tests where actors are placed."""
+
+    inputs = ("id",)
+    outputs = ("gpus", "pid")
+
+    def __init__(self, *, device: str = "cuda", batch_size: int = runtime(5)):
+        self.device, self.batch_size = device, batch_size
+
+    def map_batch(self, batch: pa.Table) -> dict[str, Any]:
+        n = batch.num_rows
+        return {"gpus": [os.environ.get("CUDA_VISIBLE_DEVICES")] * n, "pid": [os.getpid()] * n}
+
+
 class Flaky(RowStep):
     """Fails every row whose id ends in 7 (per-row errors, not a crashed batch)."""
 
@@ -168,13 +183,13 @@ def same_tables(a: Any, b: Any, steps: list[str]) -> None:
             assert ta.equals(tb), f"{s} {side} differs"
 
 
-def start_test_ray() -> Any:
-    """A local Ray cluster for one test module (2 CPUs, 200 MB object store) whose workers import these steps;
-    returns the ray module (the caller shuts it down)."""
+def start_test_ray(num_gpus: int = 0) -> Any:
+    """A local Ray cluster for one test module (2 CPUs, `num_gpus` logical GPUs, 200 MB object store) whose workers
+    import these steps; returns the ray module (the caller shuts it down)."""
     import ray
 
     tests = str(Path(__file__).parent)
     path = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    ray.init(num_cpus=2, object_store_memory=int(2e8), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})  # fmt: skip
+    ray.init(num_cpus=2, num_gpus=num_gpus, object_store_memory=int(2e8), include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})  # fmt: skip
     return ray

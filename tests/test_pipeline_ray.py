@@ -83,9 +83,10 @@ def test_local_resume_keeps_committed_batches_after_a_gap(tmp_path: Path) -> Non
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A local Ray cluster for this module (2 CPUs, 200 MB object store); its workers import the test steps."""
+    """A local Ray cluster for this module (2 CPUs, 2 logical GPUs: Ray's resources are counts, so where actors of
+    a CUDA step go is tested without a device; 200 MB object store); its workers import the test steps."""
     pytest.importorskip("ray")
-    ray = start_test_ray()
+    ray = start_test_ray(num_gpus=2)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -377,9 +378,29 @@ def test_a_batch_api_step_runs_its_jobs_from_the_driver(ray_cluster: str, fault:
 
 def test_an_actor_the_cluster_cannot_place_is_an_error(ray_cluster: str, tmp_path: Path) -> None:
     pipe = two_steps(n=20)
-    pipe.ray_options = {"steps": {"square": {"num_gpus": 1}}}  # the test cluster has no GPU
-    with pytest.raises(ConfigError, match=r"step 'square': an actor needs 1 GPU\(s\) but the Ray cluster has 0"):
+    pipe.ray_options = {"steps": {"square": {"num_gpus": 3}}}  # the test cluster has 2
+    with pytest.raises(ConfigError, match=r"step 'square': an actor needs 3 GPU\(s\) but the Ray cluster has 2"):
         pipe.run(tmp_path / "run", progress=False, runner="ray")
+
+
+def test_a_cuda_step_gets_an_actor_per_gpu_each_with_its_own_device(ray_cluster: str, tmp_path: Path) -> None:
+    """A step whose device is CUDA asks 1 GPU an actor by default, so the pool has one actor per GPU of the cluster
+    and Ray gives each its own (CUDA_VISIBLE_DEVICES); `num_gpus: 2` gives one actor both."""
+    from pipeline_steps import WhereAmI
+
+    res = (Numbers(n=40) >> WhereAmI()).run(tmp_path / "one-each", progress=False, runner="ray")
+    t = res.table("where_am_i")
+    assert t.num_rows == 40
+    by_actor = {}
+    for pid, gpus in zip(t.column("pid").to_pylist(), t.column("gpus").to_pylist(), strict=True):
+        by_actor.setdefault(pid, set()).add(gpus)
+    assert len(by_actor) == 2 and all(len(g) == 1 for g in by_actor.values())  # two actors, each on one device
+    assert sorted(g for (g,) in by_actor.values()) == ["0", "1"]
+
+    pipe = Numbers(n=10) >> WhereAmI()
+    pipe.ray_options = {"steps": {"where_am_i": {"num_gpus": 2}}}
+    both = pipe.run(tmp_path / "both", progress=False, runner="ray").table("where_am_i")
+    assert set(both.column("gpus").to_pylist()) == {"0,1"}
 
 
 def test_secrets_never_travel_to_the_cluster(tmp_path: Path) -> None:

@@ -305,3 +305,41 @@ def test_evol_instruct_rounds_on_the_cluster_read_and_write_the_store(
     local, on_ray = evolved_locally_and_on_ray(fault, tmp_path, uri(ray_on_s3, "evol"))
     assert on_ray.steps["evol"].rows_out == local.steps["evol"].rows_out > 0
     assert any("/_workers/" in p for p in listing(uri(ray_on_s3, "evol")))
+
+
+def test_a_worker_killed_mid_step_on_the_store_loses_no_row(ray_on_s3: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The one actor of a row step, found by the process id it put on the store, is killed (SIGKILL) after it
+    committed 3 batches there: Ray starts another, which takes over; every row is in the output once."""
+    import json
+    import threading
+
+    counters = tmp_path / "c"
+    counters.mkdir()
+    reference = (Numbers(n=200) >> Square()).run(tmp_path / "ref", progress=False)
+    pipe = Numbers(n=200) >> Square(sleep=0.25, counter_dir=str(counters))
+    pipe.ray_options = {"actors": 1}
+    address = uri(ray_on_s3, "worker-killed")
+    on_machine(monkeypatch, tmp_path / "driver")
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(run=pipe.run(address, progress=False, runner="ray")),
+                              daemon=True)  # fmt: skip
+    thread.start()
+    fs, base = pafs.FileSystem.from_uri(address)
+
+    def square_files(folder: str) -> list[str]:
+        return [p for p in listing(address) if "/square-" in p and f"/{folder}/" in p]
+
+    deadline = time.monotonic() + 180
+    while len(square_files("output")) < 3:
+        assert thread.is_alive() and time.monotonic() < deadline, "no 3 committed batches on the store"
+        time.sleep(0.1)
+    (worker,) = square_files("_workers")
+    with fs.open_input_stream(f"{base}/{worker}") as f:
+        os.kill(json.loads(f.read())["pid"], signal.SIGKILL)
+    thread.join(300)
+    assert "run" in result, "the run did not finish"
+    run = result["run"]
+    assert len(square_files("_workers")) >= 2  # Ray started another actor, which took over
+    assert run.table("square").sort_by("id").equals(reference.table("square").sort_by("id"))
+    assert count(counters, "square") >= 200  # every row computed at least once; the killed batch again
