@@ -14,6 +14,10 @@ Backends, all on the bundled SmolLM2-135M, same prompts (real Vicuna test-set qu
 Each figure is the best of `--repeats` runs, the backends interleaved, so a burst of other load on a shared machine
 hits all of them alike.
 
+Then the slots kept full (`--sustained`, default 32): that many prompts through `LlamaCpp(n_parallel=8)`, so a
+sequence that finishes makes room for a waiting one (continuous batching), as a step over many rows runs, against the
+same prompts one at a time. With exactly k prompts for k slots, the last answers decode with fewer companions.
+
     python benchmarks/embedded.py                          # 64 tokens an answer, 2 repeats, 1 thread
     python benchmarks/embedded.py --threads 2 --threads-batch 2 --max-tokens 128
 """
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="LlamaCpp n_threads (default: its own)")
     ap.add_argument("--threads-batch", type=int, default=None, help="LlamaCpp n_threads_batch (default: its own)")
+    ap.add_argument("--sustained", type=int, default=32, help="prompts through 8 slots kept full (0: skip)")
     a = ap.parse_args()
     os.environ["THRESHER_NO_CACHE"] = "1"
     kw = {"n_threads": a.threads, "n_threads_batch": a.threads_batch, "cache": False}
@@ -64,23 +69,27 @@ def main() -> None:
         f"one at a time Q8_0 ×{n}": LlamaCpp(n_parallel=1, **each),
         "batched": LlamaCpp(n_parallel=max(a.sizes), **kw),
     }
+    if a.sustained:
+        backends["8 slots kept full"] = LlamaCpp(n_parallel=8, **kw)
     for b in backends.values():
         b.load()
         b.chat(prompts(1), max_tokens=4, temperature=0)  # warm: first-call allocations, the decoder
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {a.max_tokens} tokens an answer at most, "
           f"threads {a.threads or 'default'} / batch {a.threads_batch or 'default'}, best of {a.repeats}")  # fmt: skip
     print(f"{'sequences':>9}  {'backend':<22} {'tokens':>6} {'wall s':>7} {'tok/s':>7}  batched ÷ this")
-    for k in a.sizes:
+    one_at_a_time = [name for name in backends if name not in ("batched", "8 slots kept full")]
+    rounds = [(k, "batched") for k in a.sizes] + ([(a.sustained, "8 slots kept full")] if a.sustained else [])
+    for k, batched in rounds:
         convs = prompts(k)
         best: dict[str, tuple[float, int]] = {}
         for _ in range(a.repeats):
-            for name, b in backends.items():
-                dt, toks = run(b, convs, a.max_tokens)
+            for name in [*one_at_a_time, batched]:
+                dt, toks = run(backends[name], convs, a.max_tokens)
                 if name not in best or dt < best[name][0]:
                     best[name] = (dt, toks)
         rate = {name: toks / dt for name, (dt, toks) in best.items()}
         for name, (dt, toks) in best.items():
-            ratio = "" if name == "batched" else f"{rate['batched'] / rate[name]:.2f}x"
+            ratio = "" if name == batched else f"{rate[batched] / rate[name]:.2f}x"
             print(f"{k:>9}  {name:<22} {toks:>6} {dt:>7.2f} {rate[name]:>7.1f}  {ratio}")
     dec = backends["batched"]._decoder
     tuned = f", {dec.tuner.trials} thread trials" if dec is not None and dec.tuner is not None else ""

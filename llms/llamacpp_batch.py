@@ -161,9 +161,10 @@ class BatchedDecoder:
         params.kv_unified = False
         params.embeddings = False
         # no flash attention (llama-cpp-python's default too). It would save 16% a step for 8 sequences over 256
-        # tokens, but llama.cpp's CPU kernel turns tiled from 64 queries a call, which rounds otherwise, and even
-        # with prompts read in chunks of 32 a sequence's later tokens came out differently after a reused prefix:
-        # an answer would then depend on what ran before it
+        # tokens, but llama.cpp's CPU kernel (ggml-cpu ops.cpp, flash_attn_ext_f16) turns tiled from 64 queries a
+        # call, accumulates softmax(KQ)·V in F16 when the cache is F16, and for a lone sequence with 512 cells or
+        # more splits the cells into one slice per thread: measured, a sequence's later tokens came out differently
+        # after a reused prefix; an answer would depend on the thread count and on what ran beside it
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = llama_cpp.llama_init_from_model(model.model, params)
         if ctx is None:
