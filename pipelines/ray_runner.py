@@ -304,7 +304,8 @@ class _StepWorker:
         # the pid is on disk before the model loads: an operator (or a test) can find and stop a worker mid-step
         atomic_write_text(
             self.step_dir / WORKERS / f"{self.id}.json",
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}),
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
+                        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}),  # the devices Ray gave this actor
             fsync=False,
         )
         self._publish(self.step_dir / WORKERS / f"{self.id}.json")

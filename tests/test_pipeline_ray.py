@@ -391,11 +391,12 @@ def test_a_cuda_step_gets_an_actor_per_gpu_each_with_its_own_device(ray_cluster:
     res = (Numbers(n=40) >> WhereAmI()).run(tmp_path / "one-each", progress=False, runner="ray")
     t = res.table("where_am_i")
     assert t.num_rows == 40
-    by_actor = {}
+    # two actors started, each on a device of its own (which one did more batches is up to Ray's scheduling)
+    actors = {w["pid"]: w["gpus"] for w in (json.loads(f.read_text())
+                                            for f in (step_dir(tmp_path / "one-each", "where_am_i") / "_workers").iterdir())}  # fmt: skip
+    assert sorted(actors.values()) == ["0", "1"]
     for pid, gpus in zip(t.column("pid").to_pylist(), t.column("gpus").to_pylist(), strict=True):
-        by_actor.setdefault(pid, set()).add(gpus)
-    assert len(by_actor) == 2 and all(len(g) == 1 for g in by_actor.values())  # two actors, each on one device
-    assert sorted(g for (g,) in by_actor.values()) == ["0", "1"]
+        assert actors[pid] == gpus  # each row computed on its actor's device
 
     pipe = Numbers(n=10) >> WhereAmI()
     pipe.ray_options = {"steps": {"where_am_i": {"num_gpus": 2}}}
