@@ -373,8 +373,22 @@ class RangeWorker(_StepWorker):
             return self.store.fs.open_input_file(self.store.remote(rel))
         return str(self.root / rel)
 
+    def _read(self, start: int, end: int) -> pa.Table:
+        if self.store is None:
+            return read_rows(self.index, self.schema, start, end, self.last_group, open_file=self._open)
+        from thresher.pipelines.run_store import retried
+
+        def read() -> pa.Table:
+            try:
+                return read_rows(self.index, self.schema, start, end, self.last_group, open_file=self._open)
+            except OSError:
+                self.last_group.clear()  # files opened before the error are opened again
+                raise
+
+        return retried(f"step {self.name!r}: reading input rows [{start}, {end}) from the store", read)
+
     def _one(self, start: int, end: int) -> tuple[Any, ...]:
-        table = read_rows(self.index, self.schema, start, end, self.last_group, open_file=self._open)
+        table = self._read(start, end)
         if table.num_rows != end - start:
             raise StepError(f"step {self.name!r}: read {table.num_rows} input rows for [{start}, {end})")
         if self.mode == "vectors":

@@ -32,19 +32,40 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from thresher.errors import PipelineError
 
+log = logging.getLogger("thresher.run_store")
+T = TypeVar("T")
+
+
+def retried(what: str, fn: Callable[[], T]) -> T:
+    """`fn()`, tried again on an error from the store (throttling, a dropped connection, a 5xx burst longer than
+    pyarrow's client retries on its own), with a doubling wait. A missing object is an answer, not an error."""
+    for attempt in range(RETRIES):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt == RETRIES - 1 or _missing(e):
+                raise
+            wait = RETRY_BASE_S * 2**attempt
+            log.warning("%s failed (%s); trying again in %.1fs (%d of %d)", what, e, wait, attempt + 2, RETRIES)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
 LEASE = ".lease.json"
+RETRIES = 6  # attempts at one store operation, beyond the retries pyarrow's own client makes inside each
+RETRY_BASE_S = 0.5  # waits 0.5, 1, 2, 4, 8 s between them: ~15 s of an unreachable or throttling store
 LEASE_RENEW_S = 30.0
 LEASE_STALE_S = 120.0  # a lease not renewed for this long belongs to a driver that died
 _SECRET_QUERY = {"access_key", "secret_key", "session_token", "access_token", "account_key", "sas_token",
@@ -129,7 +150,8 @@ class RemoteRunDir:
         """relative path -> (size, modification time) of every file under `remote_folder` (empty when none)."""
         import pyarrow.fs as pafs
 
-        infos = self.fs.get_file_info(pafs.FileSelector(remote_folder, allow_not_found=True, recursive=True))
+        selector = pafs.FileSelector(remote_folder, allow_not_found=True, recursive=True)
+        infos = retried(f"listing {remote_folder}", lambda: self.fs.get_file_info(selector))
         return {self._rel(i.path): _stamp_of(i) for i in infos if i.type == pafs.FileType.File}
 
     # ---- store -> local -------------------------------------------------------------------------
@@ -163,14 +185,19 @@ class RemoteRunDir:
         """Download these files of the run directory into the mirror (a worker's committed batch)."""
         for p in paths:
             rel = p.relative_to(self.local).as_posix()
-            self._download(rel, p, _stamp_of(self.fs.get_file_info(f"{self.base}/{rel}")))
+            info = retried(f"reading {self.base}/{rel}", lambda: self.fs.get_file_info(f"{self.base}/{rel}"))  # noqa: B023
+            self._download(rel, p, _stamp_of(info))
 
     def _download(self, rel: str, dest: Path, stamp: Stamp) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with self.fs.open_input_stream(f"{self.base}/{rel}") as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
+
+        def copy() -> None:
+            with self.fs.open_input_stream(f"{self.base}/{rel}") as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+
+        retried(f"fetching {self.base}/{rel}", copy)
         _mark(tmp, stamp)
         os.replace(tmp, dest)
 
@@ -187,13 +214,18 @@ class RemoteRunDir:
         final = target
         if not self.whole_objects:  # a filesystem where a half-written file is visible: upload, then move
             target = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
-        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        with open(path, "rb") as src, self.fs.open_output_stream(target) as out:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
-        if target != final:
-            self.fs.move(target, final)
-        _mark(path, _stamp_of(self.fs.get_file_info(final)))
+
+        def copy() -> Any:
+            self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+            with open(path, "rb") as src, self.fs.open_output_stream(target) as out:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+            if target != final:
+                self.fs.move(target, final)
+            return self.fs.get_file_info(final)
+
+        # an upload cut off is not an object (S3, GCS, Azure), and the same upload again writes the same bytes
+        _mark(path, _stamp_of(retried(f"uploading {final}", copy)))
 
     def sync_up(self, folder: Path, *, last: Iterable[Path] = ()) -> None:
         """Make `folder` on the store equal to the mirror's: upload what the store lacks or holds in another version,
@@ -204,7 +236,7 @@ class RemoteRunDir:
         late = {p.relative_to(self.local).as_posix() for p in last}
         for rel in sorted(set(remote) - set(local)):
             if not _hidden(rel):
-                self.fs.delete_file(f"{self.base}/{rel}")
+                self._delete(f"{self.base}/{rel}")
         for rel, p in sorted(local.items()):
             if _hidden(rel) or rel in late:
                 continue
@@ -218,16 +250,23 @@ class RemoteRunDir:
 
         for p in paths:
             target = self.remote(p)
-            if self.fs.get_file_info(target).type == pafs.FileType.File:
+            if retried(f"reading {target}", lambda: self.fs.get_file_info(target)).type == pafs.FileType.File:  # noqa: B023
+                self._delete(target)
+
+    def _delete(self, target: str) -> None:
+        def delete() -> None:
+            with contextlib.suppress(FileNotFoundError):  # deleted by an attempt whose answer was lost
                 self.fs.delete_file(target)
+
+        retried(f"deleting {target}", delete)
 
     def remove(self, folder: Path) -> None:
         """Delete a folder of the run directory from the store (a step run again from scratch)."""
         import pyarrow.fs as pafs
 
         target = self.remote(folder)
-        if self.fs.get_file_info(target).type != pafs.FileType.NotFound:
-            self.fs.delete_dir(target)
+        if retried(f"reading {target}", lambda: self.fs.get_file_info(target)).type != pafs.FileType.NotFound:
+            retried(f"deleting {target}", lambda: self.fs.delete_dir(target))
 
     # ---- one driver at a time -------------------------------------------------------------------
 
@@ -267,20 +306,26 @@ class RemoteRunDir:
                     self.fs.delete_file(path)
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
-        try:
+        def read() -> bytes:
             with self.fs.open_input_stream(path) as f:
-                return dict(json.loads(f.read().decode("utf-8")))
-        except (FileNotFoundError, ValueError):
+                return bytes(f.read())
+
+        try:
+            return dict(json.loads(retried(f"reading {path}", read).decode("utf-8")))
+        except ValueError:
             return None
-        except OSError as e:  # pyarrow raises OSError for a missing object on some stores
-            if "not found" in str(e).lower() or "does not exist" in str(e).lower() or "no such" in str(e).lower():
+        except OSError as e:
+            if _missing(e):
                 return None
             raise
 
     def _write_json(self, path: str, doc: dict[str, Any]) -> None:
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(path) as out:
-            out.write(json.dumps(doc).encode("utf-8"))
+        def write() -> None:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(path) as out:
+                out.write(json.dumps(doc).encode("utf-8"))
+
+        retried(f"writing {path}", write)
 
 
 # A local copy of an object carries the object's size and modification time (set on download, and on upload from
@@ -306,6 +351,12 @@ def _same(path: Path, stamp: Stamp) -> bool:
     except FileNotFoundError:
         return False
     return stamp[1] is not None and st.st_size == stamp[0] and abs(st.st_mtime - stamp[1]) < 1e-3
+
+
+def _missing(e: OSError) -> bool:
+    """Whether the store said the object does not exist (FileNotFoundError, or a plain OSError on some stores)."""
+    text = str(e).lower()
+    return isinstance(e, FileNotFoundError) or any(m in text for m in ("not found", "does not exist", "no such"))
 
 
 def _alive(lease: dict[str, Any]) -> bool:

@@ -61,6 +61,83 @@ def s3() -> Iterator[str]:
                 os.environ[k] = v
 
 
+class FlakyS3:
+    """A proxy on 127.0.0.1 in front of the S3 server that answers bursts of requests with 503 SlowDown (what S3
+    says when throttling): of every `period` requests, `burst` in a row fail. A burst longer than the attempts
+    pyarrow's client makes on its own is what thresher's retries are for."""
+
+    def __init__(self, upstream: str, *, period: int = 200, burst: int = 40) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.count = self.failed = 0
+        self.burst = burst
+        lock = threading.Lock()
+        host, port = upstream.split(":")
+        outer = self
+
+        class Relay(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return data
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _relay(self) -> None:
+                body = self._body()
+                with lock:
+                    outer.count += 1
+                    fail = (outer.count % period) >= period - burst
+                    outer.failed += fail
+                if fail:
+                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                             b"<Message>Please reduce your request rate.</Message></Error>")  # fmt: skip
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", resp.getheader("Content-Length") or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def uri(endpoint: str, name: str) -> str:
     return f"s3://{BUCKET}/{name}?endpoint_override={endpoint}&scheme=http"
 
@@ -145,6 +222,27 @@ def test_a_local_copy_fetches_only_objects_it_does_not_hold_in_that_version(
     assert shard.stat().st_size == size and shard.stat().st_mtime != mtime
     assert not stray.exists()
     assert open_run(address).steps["square"].rows_out == 100
+
+
+def test_bursts_of_throttled_requests_lose_no_row(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """20% of the store's answers are 503 SlowDown, in bursts of 40: longer than pyarrow's client retries on its own
+    (about 10 attempts over 6 s), so thresher's retries carry the run (said in the log), and the run and its reading
+    back lose nothing."""
+    flaky = FlakyS3(s3)
+    try:
+        local = three_steps().run(tmp_path / "local", progress=False)
+        address = uri(flaky.endpoint, "throttled")
+        on_machine(monkeypatch, tmp_path / "machine-a")
+        with caplog.at_level(logging.WARNING, logger="thresher.run_store"):
+            run = three_steps().run(address, progress=False)
+        same_tables(run, local, ["numbers", "square", "even_only"])
+        on_machine(monkeypatch, tmp_path / "machine-b")
+        same_tables(open_run(address), local, ["square", "even_only"])
+        assert flaky.failed >= 2 * flaky.burst  # two bursts at least, each past pyarrow's own ~10 attempts
+        assert any("trying again" in r.getMessage() for r in caplog.records)
+    finally:
+        flaky.close()
 
 
 _DRIVER = """
