@@ -18,7 +18,7 @@ Then the slots kept full (`--sustained`, default 32): that many prompts through 
 sequence that finishes makes room for a waiting one (continuous batching), as a step over many rows runs, against the
 same prompts one at a time. With exactly k prompts for k slots, the last answers decode with fewer companions.
 
-    python benchmarks/embedded.py                          # 64 tokens an answer, 2 repeats, 1 thread
+    python benchmarks/embedded.py                          # 64 tokens an answer, 2 repeats, threads tuned
     python benchmarks/embedded.py --threads 2 --threads-batch 2 --max-tokens 128
 """
 

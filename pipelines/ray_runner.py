@@ -239,8 +239,7 @@ def read_rows(index: Sequence[tuple[str, int, int]], schema: pa.Schema | None, s
         if first + n <= start or first >= end:
             continue
         a, b = max(start, first) - first, min(end, first + n) - first
-        files = last.setdefault("files", {})  # opened once per actor: on an object store an open is a request
-        pf = files.get(path) or files.setdefault(path, pq.ParquetFile(open_file(path)))
+        pf = pq.ParquetFile(open_file(path))  # per call: two calls of one actor may read at once
         at = 0
         for g in range(pf.num_row_groups):
             m = pf.metadata.row_group(g).num_rows
@@ -374,16 +373,12 @@ class RangeWorker(_StepWorker):
         return str(self.root / rel)
 
     def _read(self, start: int, end: int) -> pa.Table:
-        if self.store is None:
-            return read_rows(self.index, self.schema, start, end, self.last_group, open_file=self._open)
-        from thresher.pipelines.run_store import retried
-
         def read() -> pa.Table:
-            try:
-                return read_rows(self.index, self.schema, start, end, self.last_group, open_file=self._open)
-            except OSError:
-                self.last_group.clear()  # files opened before the error are opened again
-                raise
+            return read_rows(self.index, self.schema, start, end, self.last_group, open_file=self._open)
+
+        if self.store is None:
+            return read()
+        from thresher.pipelines.run_store import retried
 
         return retried(f"step {self.name!r}: reading input rows [{start}, {end}) from the store", read)
 
@@ -428,10 +423,9 @@ class RoundWorker(_StepWorker):
     the versions committed before that round, and hands it to the driver, which commits the batches in order."""
 
     def __init__(self, *, inputs: list[str], **kw: Any) -> None:
-        self.inputs = inputs  # the parents' output folders, relative to the run directory
         self.prepared: tuple[int, Any] | None = None
         super().__init__(**kw)
-        self.tables = [self._read(rel) for rel in inputs]
+        self.tables = [self._read(rel) for rel in inputs]  # the parents' outputs (relative to the run directory)
 
     def _read(self, rel: str) -> pa.Table:
         """A folder of the run directory as one table (fetched from the object store first when there is one)."""

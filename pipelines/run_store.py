@@ -79,7 +79,8 @@ def is_remote(run_dir: str | os.PathLike[str]) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def _local_path(text: str) -> Path:
+def local_path(text: str) -> Path:
+    """A run directory that is not on an object store, as a Path (a file:// URI too)."""
     return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
 
 
@@ -158,8 +159,9 @@ class RemoteRunDir:
 
     def pull(self, folder: Path | None = None, *, exact: bool = True) -> int:
         """Make `folder` (default: the whole run directory) in the mirror equal to the store: files missing here or
-        in another version (size and modification time: see `Stamp`) are fetched; with `exact`, local files the store does not have are removed. Returns how many
-        files were fetched. Hidden files (temporary names, the lease, the local lock) are left alone."""
+        in another version (size and modification time: see `Stamp`) are fetched; with `exact`, local files the store
+        does not have are removed. Returns how many files were fetched. Hidden files (temporary names, the lease,
+        the local lock) are left alone."""
         folder = self.local if folder is None else folder
         remote = self._listing(self.remote(folder))
         fetched = 0
@@ -216,7 +218,7 @@ class RemoteRunDir:
             target = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
 
         def copy() -> Any:
-            self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+            self._make_parent(final)
             with open(path, "rb") as src, self.fs.open_output_stream(target) as out:
                 while chunk := src.read(1 << 22):
                     out.write(chunk)
@@ -226,6 +228,11 @@ class RemoteRunDir:
 
         # an upload cut off is not an object (S3, GCS, Azure), and the same upload again writes the same bytes
         _mark(path, _stamp_of(retried(f"uploading {final}", copy)))
+
+    def _make_parent(self, target: str) -> None:
+        # an object store has no folders to make (pyarrow would write a marker object, a request more an upload)
+        if not self.whole_objects:
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
 
     def sync_up(self, folder: Path, *, last: Iterable[Path] = ()) -> None:
         """Make `folder` on the store equal to the mirror's: upload what the store lacks or holds in another version,
@@ -246,12 +253,8 @@ class RemoteRunDir:
 
     def delete(self, paths: Iterable[Path]) -> None:
         """Delete these files of the run directory from the store (a batch taken back); missing ones are fine."""
-        import pyarrow.fs as pafs
-
         for p in paths:
-            target = self.remote(p)
-            if retried(f"reading {target}", lambda: self.fs.get_file_info(target)).type == pafs.FileType.File:  # noqa: B023
-                self._delete(target)
+            self._delete(self.remote(p))
 
     def _delete(self, target: str) -> None:
         def delete() -> None:
@@ -321,7 +324,7 @@ class RemoteRunDir:
 
     def _write_json(self, path: str, doc: dict[str, Any]) -> None:
         def write() -> None:
-            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            self._make_parent(path)
             with self.fs.open_output_stream(path) as out:
                 out.write(json.dumps(doc).encode("utf-8"))
 
@@ -381,7 +384,7 @@ def working_dir(run_dir: str | os.PathLike[str]) -> Path:
     """The local folder to read a run from: `run_dir` itself, or for a URI the mirror, made equal to the store."""
     text = os.fspath(run_dir)
     if not is_remote(text):
-        return _local_path(text)
+        return local_path(text)
     store = RemoteRunDir(text)
     store.pull()
     return store.local

@@ -474,12 +474,12 @@ def _jsonable(v: Any) -> Any:
 
 class Runner:
     def __init__(self, pipeline: Pipeline, run_dir: str | Path, *, fresh: bool = False, progress: bool = True):
-        from thresher.pipelines.run_store import RemoteRunDir, is_remote
+        from thresher.pipelines.run_store import RemoteRunDir, is_remote, local_path
 
         self.pipeline = pipeline
         # a run directory on an object store: the run works in a local copy and uploads each commit as it goes
         self.store = RemoteRunDir(os.fspath(run_dir)) if is_remote(run_dir) else None
-        self.run_dir = self.store.local if self.store is not None else Path(os.fspath(run_dir).removeprefix("file://"))
+        self.run_dir = self.store.local if self.store is not None else local_path(os.fspath(run_dir))
         self.fresh = fresh
         self.progress = progress
         self.records: dict[str, StepRecord] = {}

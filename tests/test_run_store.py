@@ -66,7 +66,7 @@ class FlakyS3:
     says when throttling): of every `period` requests, `burst` in a row fail. A burst longer than the attempts
     pyarrow's client makes on its own is what thresher's retries are for."""
 
-    def __init__(self, upstream: str, *, period: int = 200, burst: int = 40) -> None:
+    def __init__(self, upstream: str, *, period: int = 100, burst: int = 20) -> None:
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -226,7 +226,7 @@ def test_a_local_copy_fetches_only_objects_it_does_not_hold_in_that_version(
 
 def test_bursts_of_throttled_requests_lose_no_row(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
-    """20% of the store's answers are 503 SlowDown, in bursts of 40: longer than pyarrow's client retries on its own
+    """20% of the store's answers are 503 SlowDown, in bursts of 20: longer than pyarrow's client retries on its own
     (about 10 attempts over 6 s), so thresher's retries carry the run (said in the log), and the run and its reading
     back lose nothing."""
     flaky = FlakyS3(s3)
